@@ -1,0 +1,40 @@
+"""Data loaders: one contract (:mod:`loaders.base`), four backends, chosen by name.
+
+``build_loader("torch" | "dali" | "ffcv" | "gpu", spec)`` returns a :class:`loaders.base.Loader`. Backends are
+imported lazily, so ``torch`` works where DALI or FFCV are not installed; a missing backend raises
+:class:`loaders.base.LoaderError` saying how to install it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from loaders.base import Loader, LoaderError, LoaderSpec
+
+# backend name -> (module, class name, pip extra that installs it)
+BACKENDS: dict[str, tuple[str, str, str | None]] = {
+    "torch": ("loaders.torch_loader", "TorchLoader", None),
+    "dali": ("loaders.dali", "DaliLoader", "dali"),
+    "ffcv": ("loaders.ffcv", "FfcvLoader", "ffcv"),
+    "gpu": ("loaders.tensor", "TensorLoader", None),
+}
+
+
+def list_backends() -> list[str]:
+    return list(BACKENDS)
+
+
+def backend_class(name: str) -> type[Loader]:
+    if name not in BACKENDS:
+        raise LoaderError(f"unknown loader {name!r}; choose one of: {', '.join(BACKENDS)}")
+    module_name, class_name, _ = BACKENDS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name)
+
+
+def build_loader(name: str, spec: LoaderSpec) -> Loader:
+    """Build the ``name`` backend's loader for ``spec``."""
+    return backend_class(name)(spec)
+
+
+__all__ = ["BACKENDS", "Loader", "LoaderError", "LoaderSpec", "backend_class", "build_loader", "list_backends"]

@@ -1,0 +1,232 @@
+"""Data set definitions shared by every loader and by ``tools/convert.py``.
+
+One place says, per data set: number of classes, image size, normalization, splits and their sizes, where
+the files live, and the class map. Nothing here depends on a loader backend.
+
+* ``synthetic``: built in, procedurally generated and deterministic (no download), CIFAR-100-shaped
+  (100 classes of 32x32 RGB) and learnable: every class is a random colour grating pattern, every sample a
+  randomly shifted, contrast-jittered, noisy copy of it.
+* ``cifar100``: torchvision's CIFAR-100 files under ``<root>/cifar-100-python``; ``train`` / ``val`` are a seeded
+  80/20 split of the official training set (as the original), ``test`` is the official test set.
+* ``imagenet``: ImageFolder trees ``<root>/train/<wnid>/*`` and ``<root>/val/<wnid>/*``; class index = position
+  of the wnid in sorted order (torchvision's ImageFolder). ImageNet's test labels are not public, so ``test``
+  is the official validation set (``val`` and ``test`` report the same images).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from loaders.base import LoaderError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    image_size: int  # training resolution
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    in_memory: bool  # small uint8 arrays (synthetic, CIFAR) rather than JPEG files
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "synthetic": DatasetInfo("synthetic", 100, 32, CIFAR100_MEAN, CIFAR100_STD, True),
+    "cifar100": DatasetInfo("cifar100", 100, 32, CIFAR100_MEAN, CIFAR100_STD, True),
+    "imagenet": DatasetInfo("imagenet", 1000, 224, IMAGENET_MEAN, IMAGENET_STD, False),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise LoaderError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise LoaderError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+
+
+# ----------------------------------------------------------------------------------------------- synthetic
+
+SYNTHETIC_SIZES = {"train": 20_000, "val": 2_000, "test": 2_000}
+SYNTHETIC_SEED = 20_251_125
+_SPLIT_OFFSET = {"train": 1, "val": 2, "test": 3}
+
+
+@lru_cache(maxsize=1)
+def _synthetic_prototypes(num_classes: int = 100, size: int = 32) -> np.ndarray:
+    """Per-class float32 patterns (num_classes, size, size, 3) in [0, 1]: two colour gratings each."""
+    rng = np.random.default_rng(SYNTHETIC_SEED)
+    yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    protos = np.empty((num_classes, size, size, 3), np.float32)
+    for k in range(num_classes):
+        img = np.zeros((size, size, 3), np.float32)
+        for _ in range(2):
+            theta = rng.uniform(0, np.pi)
+            freq = rng.uniform(1.0, 4.0) * 2 * np.pi / size
+            phase = rng.uniform(0, 2 * np.pi)
+            wave = np.sin(freq * (np.cos(theta) * xx + np.sin(theta) * yy) + phase)
+            colour = rng.uniform(-1, 1, 3)
+            img += wave[..., None] * colour[None, None, :]
+        img += rng.uniform(-0.5, 0.5, 3)[None, None, :]  # class colour cast
+        lo, hi = img.min(), img.max()
+        protos[k] = (img - lo) / max(hi - lo, 1e-6)
+    return protos
+
+
+def synthetic_arrays(split: str, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic set's ``split`` as (uint8 images (N, 32, 32, 3), int64 labels (N,)), deterministic.
+
+    ``size`` overrides the number of samples (tests and benchmarks use small or large sets).
+    """
+    check_split(split)
+    n = SYNTHETIC_SIZES[split] if size is None else int(size)
+    rng = np.random.default_rng(SYNTHETIC_SEED + _SPLIT_OFFSET[split])
+    protos = _synthetic_prototypes()
+    labels = np.arange(n, dtype=np.int64) % protos.shape[0]
+    rng.shuffle(labels)
+    images = np.empty((n, 32, 32, 3), np.uint8)
+    chunk = 4096
+    for start in range(0, n, chunk):
+        lab = labels[start : start + chunk]
+        m = len(lab)
+        shifts = rng.integers(-4, 5, size=(m, 2))
+        contrast = rng.uniform(0.6, 1.4, size=(m, 1, 1, 1)).astype(np.float32)
+        noise = 0.12 * rng.standard_normal(size=(m, 32, 32, 3), dtype=np.float32)
+        # circular shift per sample (translation the network must tolerate), as one gather
+        rows = (np.arange(32)[None, :] - shifts[:, :1]) % 32
+        cols = (np.arange(32)[None, :] - shifts[:, 1:]) % 32
+        batch = protos[lab[:, None, None], rows[:, :, None], cols[:, None, :]]
+        batch = (batch - 0.5) * contrast + 0.5 + noise
+        images[start : start + m] = np.clip(batch * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+# ----------------------------------------------------------------------------------------------- CIFAR-100
+
+CIFAR_FOLDER = "cifar-100-python"
+CIFAR_TRAIN_FRACTION = 0.8
+
+
+def cifar100_missing_message(root: str | os.PathLike | None) -> str:
+    where = Path(root or "data").resolve() / CIFAR_FOLDER
+    return (
+        f"CIFAR-100 not found: looked for {where}/train and {where}/test. "
+        "Pass --download to fetch it (169 MB, needs internet), or point --data-dir at the folder that holds "
+        f"{CIFAR_FOLDER}/."
+    )
+
+
+def cifar100_split_indices(seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded 80/20 split of the 50,000 official training images into (train, val) indices."""
+    order = np.random.default_rng(seed).permutation(50_000)
+    cut = int(50_000 * CIFAR_TRAIN_FRACTION)
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def cifar100_arrays(
+    split: str, root: str | os.PathLike | None, download: bool = False, seed: int = 42
+) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-100 ``split`` as (uint8 images (N, 32, 32, 3), int64 fine labels (N,))."""
+    check_split(split)
+    root = Path(root or "data")
+    official = "test" if split == "test" else "train"
+    if download:
+        from torchvision.datasets import CIFAR100
+
+        CIFAR100(str(root), train=official == "train", download=True)
+    path = root / CIFAR_FOLDER / official
+    if not path.is_file():
+        raise LoaderError(cifar100_missing_message(root))
+    import pickle
+
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    images = np.asarray(entry["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = np.asarray(entry["fine_labels"], np.int64)
+    if split != "test":
+        train_idx, val_idx = cifar100_split_indices(seed)
+        idx = train_idx if split == "train" else val_idx
+        images, labels = images[idx], labels[idx]
+    return np.ascontiguousarray(images), labels
+
+
+def cifar100_class_names(root: str | os.PathLike | None) -> list[str]:
+    import pickle
+
+    path = Path(root or "data") / CIFAR_FOLDER / "meta"
+    if not path.is_file():
+        return [str(i) for i in range(100)]
+    with open(path, "rb") as f:
+        return list(pickle.load(f, encoding="latin1")["fine_label_names"])
+
+
+def array_dataset(
+    name: str, split: str, root: str | os.PathLike | None = None, download: bool = False, seed: int = 42
+) -> tuple[np.ndarray, np.ndarray]:
+    """Uint8 HWC arrays of an in-memory data set (``synthetic`` or ``cifar100``)."""
+    if name == "synthetic":
+        return synthetic_arrays(split)
+    if name == "cifar100":
+        return cifar100_arrays(split, root, download=download, seed=seed)
+    raise LoaderError(f"{name!r} is not an in-memory data set (synthetic, cifar100)")
+
+
+# ------------------------------------------------------------------------------------------------ ImageNet
+
+IMAGENET_LAYOUT = "<root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG (torchvision ImageFolder layout)"
+
+
+def imagenet_split_dir(root: str | os.PathLike | None, split: str) -> Path:
+    """Folder of ``split`` in an ImageNet ImageFolder tree (``test`` is the official ``val``)."""
+    check_split(split)
+    if root is None:
+        raise LoaderError(f"ImageNet needs --data-dir: expected {IMAGENET_LAYOUT}")
+    folder = Path(root) / ("train" if split == "train" else "val")
+    if not folder.is_dir():
+        raise LoaderError(f"ImageNet split {split!r} not found: looked for {folder}; expected {IMAGENET_LAYOUT}")
+    return folder
+
+
+def imagenet_classes(split_dir: str | os.PathLike) -> list[str]:
+    """Sorted wnid folder names of the tree that holds ``split_dir``: index i is class i.
+
+    The class list comes from ``train/`` when it exists (so a val folder that lacks a class cannot shift the
+    indices), else from ``split_dir`` itself; on the full data set this is torchvision's ImageFolder order.
+    """
+    split_dir = Path(split_dir)
+    train_dir = split_dir.parent / "train"
+    source = train_dir if train_dir.is_dir() else split_dir
+    classes = sorted(e.name for e in os.scandir(source) if e.is_dir())
+    if not classes:
+        raise LoaderError(f"no class folders in {source}; expected {IMAGENET_LAYOUT}")
+    return classes
+
+
+def imagenet_samples(split_dir: str | os.PathLike) -> tuple[list[str], list[int], list[str]]:
+    """(paths, labels, classes) of an ImageFolder split, files sorted within each class."""
+    classes = imagenet_classes(split_dir)
+    paths: list[str] = []
+    labels: list[int] = []
+    for index, wnid in enumerate(classes):
+        folder = Path(split_dir) / wnid
+        if not folder.is_dir():
+            continue
+        files = sorted(e.path for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        paths.extend(files)
+        labels.extend([index] * len(files))
+    return paths, labels, classes
