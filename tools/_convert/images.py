@@ -1,0 +1,159 @@
+"""Decode one real-world source image into an upright RGB picture, and decide what a DALI shard stores for it.
+
+Every output format sees the same pixels: Pillow decodes the file completely (a truncated or corrupt file fails
+here, never later inside DALI's or FFCV's readers), applies the EXIF orientation, converts any mode (grayscale,
+CMYK, palette, 16-bit, alpha) to 8-bit RGB, and shrinks the long side to ``max_res`` when asked (Lanczos).
+
+DALI shards keep the source bytes untouched when DALI decodes them to exactly these pixels: a baseline or
+progressive 8-bit Huffman JPEG with 1 (gray) or 3 (YCbCr) components, orientation 1 (no EXIF rotation) and no
+resize. Anything else (a resize, CMYK / YCCK, Adobe RGB-coded, arithmetic / lossless / 12-bit JPEG, EXIF
+rotation, PNG or other data behind a .JPEG name) is re-encoded from the RGB pixels as a baseline 4:2:0 JPEG.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# 200 M pixels (~14,000 x 14,000, 600 MB as RGB): far above any photo data set, low enough that one worker
+# cannot exhaust memory on a forged header. Pillow's own default warns at 89 M and refuses at 179 M.
+MAX_IMAGE_PIXELS = 200_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+# JPEG start-of-frame markers (C4 = DHT, C8 = JPG, CC = DAC are not frames)
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# baseline, extended sequential, progressive: all Huffman-coded, what DALI's decoders handle like Pillow
+_PLAIN_SOF = frozenset({0xC0, 0xC1, 0xC2})
+_EXIF_ORIENTATION = 0x0112
+
+
+class BadImage(Exception):
+    """A source file that is not a usable image; ``str(error)`` is the reason recorded in the manifest."""
+
+
+@dataclass
+class Decoded:
+    """One decoded source image."""
+
+    image: Image.Image  # RGB, upright, already shrunk to max_res
+    plain_jpeg: bool  # the source bytes decode to ``image`` in DALI as they are (see module docstring)
+    resized: bool
+    source_size: tuple[int, int]  # upright (width, height) before any resize
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(SOF marker, sample precision, component count) of a JPEG stream, or None when there is no frame header."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length field
+            i += 2
+            continue
+        if marker == 0xDA:  # scan data before any frame header: malformed
+            return None
+        if marker in _SOF_MARKERS:
+            if i + 10 > n:
+                return None
+            return marker, data[i + 4], data[i + 9]
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def fit_within(size: tuple[int, int], max_res: int | None) -> tuple[int, int]:
+    """(width, height) after shrinking so the long side is at most ``max_res`` (never enlarges)."""
+    width, height = size
+    if not max_res or max(width, height) <= max_res:
+        return width, height
+    scale = max_res / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of any Pillow mode; 16/32-bit integer images are scaled down, not clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.asarray(image, dtype=np.int64)
+        shift = 8 if values.max(initial=0) <= 0xFFFF else 24
+        gray = np.clip(values >> shift, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
+
+
+def decode(data: bytes, max_res: int | None = None) -> Decoded:
+    """Decode a source file's bytes completely; raise :class:`BadImage` with the reason when it is not usable."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            source_format, source_mode = image.format, image.mode
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise BadImage(f"image too large ({width}x{height} > {MAX_IMAGE_PIXELS} pixels)")
+            image.load()  # the full decode: truncation and corrupt entropy data fail here
+            adobe_transform = image.info.get("adobe_transform")
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            if orientation in range(2, 9):
+                image = ImageOps.exif_transpose(image)
+            image = to_rgb(image)
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised file format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise BadImage(f"image too large: {error}") from None
+    except MemoryError:
+        raise BadImage("out of memory while decoding") from None
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, struct.error ... on bad data
+        raise BadImage(f"corrupt image ({type(error).__name__}: {error})") from None
+    source_size = image.size
+    new_size = fit_within(source_size, max_res)
+    resized = new_size != source_size
+    if resized:
+        image = image.resize(new_size, Image.Resampling.LANCZOS)
+    plain = False
+    if source_format == "JPEG" and source_mode in ("RGB", "L") and orientation == 1 and not resized:
+        frame = jpeg_frame(data)
+        plain = (
+            frame is not None
+            and frame[0] in _PLAIN_SOF
+            and frame[1] == 8
+            and frame[2] in (1, 3)
+            and not (frame[2] == 3 and adobe_transform == 0)  # RGB-coded (not YCbCr) 3-channel JPEG
+        )
+    return Decoded(image, plain, resized, source_size)
+
+
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    """Baseline 4:2:0 JPEG of an RGB image (deterministic: same pixels and quality give the same bytes)."""
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=int(quality), subsampling=2, optimize=False, progressive=False)
+    return buffer.getvalue()
+
+
+def dali_payload(data: bytes, decoded: Decoded, quality: int) -> tuple[bytes, bool]:
+    """(bytes stored in the shard, re-encoded?) for one decoded source file."""
+    if decoded.plain_jpeg:
+        return data, False
+    return encode_jpeg(decoded.image, quality), True
+
+
+def rgb_array(decoded: Decoded) -> np.ndarray:
+    """The decoded picture as a C-contiguous uint8 (H, W, 3) array (what FFCV's RGBImageField takes)."""
+    return np.ascontiguousarray(np.asarray(decoded.image, dtype=np.uint8))

@@ -1,0 +1,253 @@
+"""Convert a data set into FFCV ``.beton`` files and / or DALI-readable shards: parallel, resumable, verifiable.
+
+    python tools/convert.py imagenet --src /data/imagenet --out /data/converted --format both
+    python tools/convert.py cifar100 --src data --download --out data/cifar100-conv --format ffcv
+    python tools/convert.py synthetic --out /tmp/synth --format dali --verify
+    python tools/convert.py imagenet --out /data/converted --verify-only
+
+Output layout (what ``loaders/`` reads): ``OUT/ffcv/<split>.beton`` and ``OUT/dali/<split>/shard-NNNNN.tar`` +
+``.idx`` (ImageNet) or ``OUT/dali/<split>/images.npy`` + ``labels.npy`` (CIFAR-100, synthetic), one
+``manifest.json`` per format folder, written last. Every file appears under a ``.tmp`` name first; rerunning the
+same command after an interruption keeps every finished shard whose checksum still matches and writes the rest.
+See ``tools/_convert/`` for the parts: image rules in ``images.py``, shard format in ``dali_writer.py``, the
+watched FFCV writer in ``ffcv_writer.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm
+
+from tools._convert import TOOL_VERSION, files
+from tools._convert.dali_writer import SplitResult, write_array_split, write_webdataset_split
+from tools._convert.ffcv_writer import current_record, result_from_record, write_ffcv_split
+from tools._convert.pool import decode_files
+from tools._convert.sources import ConvertError, SplitSource, load_sources
+from tools._convert.verify import verify_format
+
+FFCV_DEFAULT_MAX_RES = 512
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``1GiB``, ``256MiB``, ``500kB`` or ``1000000``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; examples: 1GiB, 256MiB, 500kB, 1000000")
+    return max(1, int(float(match.group(1)) * _UNITS[match.group(2).lower()]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python tools/convert.py", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
+    parser.add_argument("dataset", choices=["imagenet", "cifar100", "synthetic"])
+    parser.add_argument("--src", type=Path, help="ImageNet: folder with train/<wnid>/ and val/<wnid>/; "
+                        "CIFAR-100: folder holding cifar-100-python/ (default: data)")  # fmt: skip
+    parser.add_argument("--out", type=Path, required=True, help="output folder (gets ffcv/ and / or dali/)")
+    parser.add_argument("--format", choices=["ffcv", "dali", "both"], help="default: both")
+    parser.add_argument("--split", default="all", help="train | val | test | all (default: all)")
+    parser.add_argument("--max-res", type=int, help="shrink the long side to this many pixels (0: never); "
+                        f"default: {FFCV_DEFAULT_MAX_RES} for FFCV, original size for DALI")  # fmt: skip
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded JPEGs (default 90)")
+    parser.add_argument("--compress-prob", type=float, default=0.5, help="FFCV proportion mode (default 0.5)")
+    parser.add_argument("--write-mode", choices=["raw", "jpg", "proportion"], default="proportion",
+                        help="FFCV image storage (default proportion); CIFAR / synthetic are always raw")  # fmt: skip
+    parser.add_argument("--shard-size", type=parse_size, default=parse_size("1GiB"), help="DALI tar size (1GiB)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    parser.add_argument("--subset", type=int, help="only the first N source samples of each split")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unusable image instead of skipping")
+    parser.add_argument("--verify", action="store_true", help="read everything back after converting")
+    parser.add_argument("--verify-only", action="store_true", help="only check an existing output (no --src)")
+    parser.add_argument("--download", action="store_true", help="CIFAR-100: download into --src first")
+    parser.add_argument("--stall-timeout", type=float, default=120.0,
+                        help="stop FFCV when it makes no progress for this many seconds (default 120)")  # fmt: skip
+    return parser
+
+
+def _bar(total: int, desc: str, initial: int = 0) -> tqdm:
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", dynamic_ncols=True, mininterval=0.5,
+                disable=None)  # fmt: skip
+
+
+def dali_settings(args: argparse.Namespace, source: SplitSource) -> dict:
+    if source.images is not None:
+        return {"tool_version": TOOL_VERSION, "dataset": args.dataset, "layout": "arrays"}
+    return {
+        "tool_version": TOOL_VERSION,
+        "dataset": args.dataset,
+        "layout": "webdataset",
+        "max_res": args.max_res or None,  # default: DALI keeps the original resolution
+        "jpeg_quality": args.jpeg_quality,
+        "shard_size": args.shard_size,
+    }
+
+
+def ffcv_settings(args: argparse.Namespace, source: SplitSource) -> dict:
+    arrays = source.images is not None
+    max_res = FFCV_DEFAULT_MAX_RES if args.max_res is None else (args.max_res or None)
+    return {
+        "tool_version": TOOL_VERSION,
+        "dataset": args.dataset,
+        "max_res": None if arrays else max_res,
+        "write_mode": "raw" if arrays else args.write_mode,
+        "jpeg_quality": args.jpeg_quality,
+        "compress_prob": args.compress_prob,
+    }
+
+
+def validate(source: SplitSource, args: argparse.Namespace) -> tuple[list[dict], int]:
+    """FFCV-only runs: decode every file once in the pool, so FFCV's writer only ever sees good samples."""
+    skipped, max_pixels = [], 0
+    with _bar(len(source), f"check {source.split}") as bar:
+        for item in decode_files(source.paths, 0, args.workers, None, args.jpeg_quality, False):
+            bar.update(1)
+            if item.reason is None:
+                max_pixels = max(max_pixels, item.width * item.height)
+            elif args.strict:
+                raise ConvertError(f"{source.paths[item.index]}: {item.reason} (--strict stops here)")
+            else:
+                skipped.append({"index": item.index, "path": source.relpaths[item.index], "reason": item.reason})
+    return skipped, max_pixels
+
+
+def convert_split(source: SplitSource, args: argparse.Namespace, formats: list[str]) -> dict[str, SplitResult]:
+    results: dict[str, SplitResult] = {}
+    if "dali" in formats:
+        folder = args.out / "dali"
+        if source.images is not None:
+            results["dali"] = write_array_split(source, folder, dali_settings(args, source))
+        else:
+            with _bar(len(source), f"dali {source.split}") as bar:
+                results["dali"] = write_webdataset_split(
+                    source, folder, dali_settings(args, source), workers=args.workers,
+                    shard_size=args.shard_size, strict=args.strict, progress=bar.update,
+                )  # fmt: skip
+    if "ffcv" in formats:
+        folder, settings = args.out / "ffcv", ffcv_settings(args, source)
+        record = current_record(source, folder, settings)
+        if record is not None:
+            results["ffcv"] = result_from_record(record, source.split)
+        else:
+            if source.images is not None:
+                skipped, max_pixels = [], 32 * 32
+            elif "dali" in results:
+                skipped, max_pixels = results["dali"].skipped, results["dali"].max_pixels
+            else:
+                skipped, max_pixels = validate(source, args)
+            with _bar(len(source) - len(skipped), f"ffcv {source.split}") as bar:
+                results["ffcv"] = write_ffcv_split(
+                    source, folder, settings, skipped=skipped, max_pixels=max_pixels, workers=args.workers,
+                    stall_timeout=args.stall_timeout, progress=bar.update,
+                )  # fmt: skip
+    return results
+
+
+def manifest(args, fmt: str, sources: list[SplitSource], results: list[SplitResult], classes) -> dict:
+    """The format folder's manifest.json (no timestamps: equal inputs give an identical manifest)."""
+    settings = dali_settings(args, sources[0]) if fmt == "dali" else ffcv_settings(args, sources[0])
+    settings = {**settings, "subset": args.subset, "splits": [s.split for s in sources]}
+    skipped = []
+    for source, result in zip(sources, results):
+        skipped += [{"split": source.split, "path": s["path"], "reason": s["reason"]} for s in result.skipped]
+        skipped += [{"split": source.split, **s} for s in source.ignored]
+    value = {
+        "tool_version": TOOL_VERSION,
+        "dataset": args.dataset,
+        "format": fmt,
+        "layout": settings.get("layout", "beton") if fmt == "dali" else "beton",
+        "source": str(args.src.resolve()) if args.src else f"built-in {args.dataset} generator",
+        "settings": settings,
+        "counts": {s.split: r.count for s, r in zip(sources, results)},
+        "per_class": {s.split: {str(k): v for k, v in sorted(r.per_class.items())} for s, r in zip(sources, results)},
+        "classes": classes,
+        "files": sorted((f for r in results for f in r.files), key=lambda f: f["path"]),
+        "skipped": skipped,
+    }
+    if fmt == "dali":
+        value["reencoded"] = {s.split: r.reencoded for s, r in zip(sources, results)}
+    return value
+
+
+def verify(out: Path, formats: list[str], workers: int, stall_timeout: float) -> int:
+    """Print the one-line verdict; 0 when every check passed."""
+    problems, summaries = [], []
+    for fmt in formats:
+        folder = out if (out / "manifest.json").is_file() and out.name == fmt else out / fmt
+        with _bar(0, f"verify {fmt}") as bar:
+            found, summary = verify_format(folder, fmt, workers, stall_timeout, bar.update)
+        problems += found
+        summaries.append(summary)
+    if problems:
+        print(f"verify: FAIL ({len(problems)} problem(s)): " + "; ".join(problems), flush=True)
+        return 1
+    print("verify: PASS: " + "; ".join(summaries), flush=True)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.verify_only:
+        if args.format:
+            formats = ["ffcv", "dali"] if args.format == "both" else [args.format]
+        elif (args.out / "manifest.json").is_file():
+            formats = [files.read_json(args.out / "manifest.json")["format"]]
+        else:
+            formats = [f for f in ("ffcv", "dali") if (args.out / f / "manifest.json").is_file()]
+        if not formats:
+            raise ConvertError(f"no manifest.json under {args.out}: nothing converted there yet (run without --verify-only)")
+        return verify(args.out, formats, args.workers, args.stall_timeout)
+    formats = ["ffcv", "dali"] if args.format in (None, "both") else [args.format]
+    if args.workers < 1 or (args.subset is not None and args.subset < 1) or not 1 <= args.jpeg_quality <= 100:
+        raise ConvertError("--workers and --subset must be >= 1 and --jpeg-quality within 1..100")
+    started = time.monotonic()
+    sources, classes = load_sources(args.dataset, args.src, args.split, args.subset, args.download)
+    for source in sources:
+        for note in source.notes:
+            print(f"note: {note}", file=sys.stderr)
+    for fmt in formats:  # no stale manifest may describe files this run is about to rewrite
+        (args.out / fmt).mkdir(parents=True, exist_ok=True)
+        files.remove_quietly(args.out / fmt / "manifest.json")
+    per_format: dict[str, list[SplitResult]] = {fmt: [] for fmt in formats}
+    for source in sources:
+        for fmt, result in convert_split(source, args, formats).items():
+            per_format[fmt].append(result)
+    for fmt in formats:
+        files.write_json_atomic(args.out / fmt / "manifest.json", manifest(args, fmt, sources, per_format[fmt], classes))
+    seconds = time.monotonic() - started
+    total = sum(len(s) for s in sources)
+    megabytes = sum(s.source_bytes for s in sources) / 1e6
+    first = per_format[formats[0]]
+    counts = ", ".join(f"{s.split} {r.count}" for s, r in zip(sources, first))
+    skipped = sum(len(r.skipped) + len(s.ignored) for s, r in zip(sources, first))
+    print(
+        f"converted {args.dataset} -> {args.out} ({'+'.join(formats)}): {counts} | skipped {skipped} | "
+        f"{seconds:.1f} s | {total / seconds:.1f} images/s | {megabytes / seconds:.1f} MB/s",
+        flush=True,
+    )
+    return verify(args.out, formats, args.workers, args.stall_timeout) if args.verify else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0 ok, 1 verify failed, 2 error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ConvertError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (finished shards are kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
