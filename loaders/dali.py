@@ -1,0 +1,290 @@
+"""The DALI backend (``--loader dali``): fused JPEG decode + augmentation in DALI, batches handed to torch.
+
+Sources (see :mod:`loaders.dali_sources`): the webdataset shards of ``tools/convert.py``, a plain ImageFolder
+tree, the tool's CIFAR arrays, or (no converted folder) the in-memory synthetic / CIFAR-100 arrays. Graphs (see
+:mod:`loaders.dali_pipelines`): RandomResizedCrop + flip for ImageNet training, resize-256 + centre crop for
+evaluation, pad-crop + flip for CIFAR.
+
+How it keeps the loader contract exactly:
+
+* **Counts and order.** The pipeline is fed by one batch-mode ``external_source`` whose batches are the index
+  lists of :func:`loaders.base.shard_indices`: rank ``r`` reads exactly the contract's samples, in the same
+  order as the torch backend (``epoch_permutation`` for training, ``r, r + W, ...`` for evaluation), the last
+  partial training batch is never fed and the last evaluation batch is simply smaller (DALI accepts variable
+  batch sizes up to ``batch_size``). DALI's own readers shard contiguously (``shard_id`` blocks), which gives
+  other per-rank counts than the contract's strided rule whenever the data set does not divide evenly, hence
+  the external source.
+* **Epochs.** The pipeline is built once; the source raises ``StopIteration`` at the end of the epoch's plan
+  and the pipeline is ``reset()`` before the next one. An epoch left early (``break``) is drained (at most
+  ``prefetch`` batches) so the next epoch starts clean.
+* **Output.** ``crop_mirror_normalize`` writes fp16 (``spec.dtype`` float16 or bfloat16) or fp32 in NHWC; torch
+  receives it through DLPack (zero-copy: the dynamic executor keeps the buffer alive while torch holds it) and
+  ``permute(0, 3, 1, 2)`` makes it an NCHW channels-last view without a copy. DALI has no bfloat16 output, so
+  bfloat16 is produced as float16 and converted by torch (on the training device). With
+  ``channels_last=False`` DALI writes CHW directly.
+* **Device.** ``data.dali_device``: ``auto`` runs ``mixed`` decoding (nvJPEG + the hardware JPEG decoder,
+  ``hw_decoder_load``) and GPU operators when DALI sees a GPU and ``spec.device`` is CUDA, the CPU pipeline
+  (``device_id=None``) otherwise, and logs the choice; ``gpu`` without a GPU is a :class:`LoaderError`. A CPU
+  pipeline feeding a CUDA device copies each batch with ``non_blocking=True``.
+
+Threads: ``data.dali_threads`` (default ``workers``); prefetch queue depth: ``data.prefetch``; ``data.subset``
+keeps the first N samples of the split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from loaders.base import Loader, LoaderError, LoaderSpec, shard_indices
+from loaders.dali_sources import SampleSource, open_source
+from loaders.datasets import check_split, dataset_info
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "the dali loader needs NVIDIA DALI: run `bash tools/setup.sh`, or "
+    "`.venv/bin/pip install 'nvidia-dali-cuda130==2.4.0'`"
+)
+DEVICE_CHOICES = ("auto", "cpu", "gpu")
+AUGMENT_CHOICES = ("standard", "original", "none")
+OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def require_dali() -> None:
+    """Import DALI or raise a :class:`LoaderError` that says how to install it."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        raise LoaderError(INSTALL_HINT) from None
+
+
+def dali_gpu_count() -> int:
+    """CUDA devices DALI can use (0 on a CPU-only machine; safe to call without a driver)."""
+    from nvidia.dali.backend import GetCUDADeviceCount
+
+    try:
+        return int(GetCUDADeviceCount())
+    except RuntimeError:
+        return 0
+
+
+def choose_device(spec: LoaderSpec) -> str:
+    """``"gpu"`` (mixed decoding + GPU operators) or ``"cpu"`` (``device_id=None``) from ``data.dali_device``."""
+    mode = str(spec.option("dali_device", "auto")).lower()
+    if mode not in DEVICE_CHOICES:
+        raise LoaderError(f"data-dali_device must be one of {', '.join(DEVICE_CHOICES)}, got {mode!r}")
+    if mode == "cpu":
+        return "cpu"
+    gpus = dali_gpu_count()
+    if mode == "gpu":
+        if gpus == 0:
+            raise LoaderError(
+                "data-dali_device=gpu but DALI sees no CUDA GPU; use data-dali_device=auto (or cpu) on this machine"
+            )
+        if spec.device.type != "cuda":
+            raise LoaderError(
+                f"data-dali_device=gpu needs a CUDA training device, got {spec.device}; train on the GPU or use "
+                "data-dali_device=cpu"
+            )
+        return "gpu"
+    return "gpu" if gpus > 0 and spec.device.type == "cuda" else "cpu"
+
+
+def _pair(spec: LoaderSpec, key: str, default: tuple[float, float]) -> tuple[float, float]:
+    value = spec.option(key, default)
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise LoaderError(f"data-{key} must be two numbers [low, high], got {value!r}") from None
+    if not 0 < low <= high:
+        raise LoaderError(f"data-{key} must satisfy 0 < low <= high, got {value!r}")
+    return low, high
+
+
+class _EpochFeeder:
+    """The external source's callback: returns the planned batches of the current epoch, then StopIteration."""
+
+    def __init__(self, source: SampleSource) -> None:
+        self.source = source
+        self.plan: list[np.ndarray] = []
+        self.cursor = 0
+
+    def start(self, plan: list[np.ndarray]) -> None:
+        self.plan, self.cursor = plan, 0
+
+    def stop(self) -> None:
+        self.plan, self.cursor = [], 0
+
+    def __call__(self):
+        if self.cursor >= len(self.plan):
+            raise StopIteration
+        indices = self.plan[self.cursor]
+        self.cursor += 1
+        try:
+            return self.source.read(indices)
+        except OSError as error:
+            raise LoaderError(f"cannot read a sample of {self.source.describe()}: {error}") from None
+
+
+class DaliLoader(Loader):
+    """DALI pipeline behind the loader contract; see the module docstring."""
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        require_dali()
+        check_split(spec.split)
+        info = dataset_info(spec.dataset)
+        if spec.dtype not in OUTPUT_DTYPES:
+            raise LoaderError(f"the dali loader outputs float32, float16 or bfloat16, not {spec.dtype}")
+        augment = str(spec.option("augment", "standard"))
+        if augment not in AUGMENT_CHOICES:
+            raise LoaderError(f"data-augment must be one of {', '.join(AUGMENT_CHOICES)}, got {augment!r}")
+        self.source = open_source(spec)
+        super().__init__(spec, len(self.source))
+        self.device_kind = choose_device(spec)
+        device_id = None
+        if self.device_kind == "gpu":
+            device_id = spec.device.index if spec.device.index is not None else torch.cuda.current_device()
+        from loaders.dali_pipelines import PipelineConfig
+
+        source_size = int(self.source.images.shape[1]) if self.source.kind == "array" else info.image_size
+        self.config = PipelineConfig(
+            kind=self.source.kind,
+            train=spec.train,
+            batch_size=spec.batch_size,
+            num_threads=max(1, int(spec.option("dali_threads", spec.workers) or 1)),
+            device=self.device_kind,
+            device_id=device_id,
+            image_size=int(spec.image_size or info.image_size),
+            mean=info.mean,
+            std=info.std,
+            fp16=spec.dtype in (torch.float16, torch.bfloat16),
+            layout="HWC" if spec.channels_last else "CHW",
+            augment=augment,
+            crop_scale=_pair(spec, "crop_scale", (0.08, 1.0)),
+            crop_ratio=_pair(spec, "crop_ratio", (0.75, 4.0 / 3.0)),
+            val_resize=int(spec.option("val_resize", 256)),
+            hw_decoder_load=float(spec.option("hw_decoder_load", 0.65)),
+            prefetch=max(1, int(spec.option("prefetch", 2))),
+            seed=(spec.seed * 1_009 + spec.rank) % (2**31 - 1),
+            source_size=source_size,
+        )
+        if self.config.crop_scale[1] > 1:
+            raise LoaderError(f"data-crop_scale is a fraction of the image area (<= 1), got {self.config.crop_scale}")
+        log.info(
+            "dali loader: %s pipeline (%s), %s, %d threads, batch %d, rank %d/%d",
+            "GPU (mixed decoding)" if self.device_kind == "gpu" else "CPU (device_id=None)",
+            spec.split,
+            self.source.describe(),
+            self.config.num_threads,
+            spec.batch_size,
+            spec.rank,
+            spec.world_size,
+        )
+        self._feeder = _EpochFeeder(self.source)
+        self._pipe = None
+        self._needs_reset = False
+        self._active: Iterator | None = None
+
+    # ------------------------------------------------------------------------------------------ epochs
+
+    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        """The index batches this rank reads in ``epoch`` (exactly the contract's samples and order)."""
+        indices = shard_indices(self.dataset_size, self.spec, epoch).numpy()
+        if self.spec.train:
+            indices = indices[: self.num_samples]  # drop the last partial batch
+        size = self.spec.batch_size
+        return [indices[start : start + size] for start in range(0, len(indices), size)]
+
+    def _pipeline(self):
+        if self._pipe is None:
+            from loaders.dali_pipelines import build_pipeline
+
+            self._pipe = build_pipeline(self.config, self._feeder)
+            self._pipe.build()
+            self._needs_reset = False
+        return self._pipe
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._active is not None:
+            self._active.close()  # a previous epoch left early: drain it first
+        self._active = self._run_epoch(self.epoch)
+        return self._active
+
+    def _run_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._feeder.start(self.epoch_plan(epoch))
+        pipe = self._pipeline()
+        if self._needs_reset:
+            pipe.reset()
+        self._needs_reset = True
+        finished = False
+        try:
+            pipe.schedule_run()  # the first call fills the prefetch queue
+            while True:
+                try:
+                    outputs = pipe.outputs()
+                except StopIteration:
+                    finished = True
+                    return
+                except RuntimeError as error:
+                    raise LoaderError(_pipeline_error(error, self.source)) from None
+                batch = self._to_torch(outputs)
+                del outputs
+                pipe.schedule_run()  # the next batch is decoded while the caller trains on this one
+                yield batch
+        except GeneratorExit:
+            raise  # the caller left the epoch early: drained below, the pipeline is reused
+        except BaseException:
+            self._pipe = None  # a failed pipeline is rebuilt, not reused
+            raise
+        finally:
+            if not finished and self._pipe is not None:
+                self._drain(pipe)
+            self._active = None
+
+    def _drain(self, pipe) -> None:
+        """Consume what an epoch left early had prefetched and mark its end, so ``reset()`` restarts cleanly."""
+        try:
+            while not pipe.empty():
+                pipe.outputs()
+            self._feeder.stop()
+            pipe.schedule_run()  # the source raises StopIteration: the pipeline records the epoch's end
+        except (RuntimeError, StopIteration):
+            self._pipe = None
+
+    def _to_torch(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        images_out, labels_out = outputs
+        if self.device_kind == "gpu":
+            with torch.cuda.device(self.config.device_id):
+                images = torch.from_dlpack(images_out.as_tensor())
+                labels = torch.from_dlpack(labels_out.as_tensor())
+        else:
+            images = torch.from_dlpack(images_out.as_tensor())
+            labels = torch.from_dlpack(labels_out.as_tensor())
+        if self.config.layout == "HWC":
+            images = images.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW channels-last: no copy
+        labels = labels.reshape(-1)
+        if images.device.type != self.spec.device.type:
+            images = images.to(self.spec.device, non_blocking=True)
+            labels = labels.to(self.spec.device, non_blocking=True)
+        if images.dtype != self.spec.dtype:
+            images = images.to(self.spec.dtype)  # bfloat16 from float16; keeps the channels-last strides
+        return images, labels
+
+    def close(self) -> None:
+        """Stop the epoch in flight and release the pipeline's threads and buffers."""
+        if self._active is not None:
+            self._active.close()
+        self._pipe = None
+
+
+def _pipeline_error(error: RuntimeError, source: SampleSource) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if "rror" in line and "Traceback" not in line), lines[0] if lines else "")
+    return (
+        f"DALI failed on a batch of {source.describe()}: {detail[:400]}. A corrupt or non-image file is the usual "
+        "cause: re-run tools/convert.py (it skips undecodable files) or remove the file"
+    )
