@@ -105,23 +105,117 @@ class DivisiveNorm2d(FiniteCheckMixin, nn.Module):
             )
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            y = _grouped_divnorm(
-                x.to(dtype), self.gamma.to(dtype), self.sigma.to(dtype), self.pool, self.power, self.eps
-            )
+            args = (x.to(dtype), self.gamma.to(dtype), self.sigma.to(dtype), self.pool, self.power, self.eps)
+            y = GroupedDivNormFunction.apply(*args)
         return y.to(x.dtype)
 
 
-def _grouped_divnorm(
+def grouped_divnorm_autograd(
     x: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, pool: int, power: float, eps: float
 ) -> torch.Tensor:
+    """The same layer as plain autograd ops (twice differentiable; slower): the benchmark's and tests' cross-check."""
     n, c, h, w = x.shape
-    groups = c // pool
-    # Splitting the channel dim into (groups, pool) is a view for both NCHW and channels-last strides.
-    xg = x.view(n, groups, pool, h, w)
+    xg = x.reshape(n, c // pool, pool, h, w)
     q = xg * xg if power == 2 else xg.abs().pow(power)
-    energy = q.sum(dim=2, keepdim=True)  # (N, G, 1, H, W): 1/pool of the input's size
+    energy = q.sum(dim=2, keepdim=True)
     offset = (sigma * sigma if power == 2 else sigma.abs().pow(power)) + eps
     denominator = (energy + offset.view(1, -1, 1, 1, 1)).clamp_min(DENOMINATOR_FLOOR)
-    # The gain is folded into the small (N, G, 1, H, W) factor, so the full-size tensor is touched once.
-    scale = gamma.exp().view(1, -1, 1, 1, 1) / denominator
-    return (q * scale).view(n, c, h, w)
+    return (q * (gamma.exp().view(1, -1, 1, 1, 1) / denominator)).reshape(n, c, h, w)
+
+
+def _pooled_view(t: torch.Tensor, pool: int, channels_last: bool) -> torch.Tensor:
+    """A view of (N, C, H, W) ``t`` with the channel axis split into (pools, pool) and the pool axis at dim 2 or 3.
+
+    NCHW: (N, G, S, H*W), so reductions over S run with H*W contiguous (vectorized). Channels-last: (N, H*W, G, S),
+    the same memory read in its own order; a 5-D (N, G, S, H, W) view of channels-last memory mixes layouts in
+    every broadcast and ran about 2x slower. Copies only if ``t`` has the other layout (e.g. an odd gradient).
+    """
+    n, c, h, w = t.shape
+    if channels_last:
+        return t.permute(0, 2, 3, 1).reshape(n, h * w, c // pool, pool)
+    return t.reshape(n, c // pool, pool, h * w)
+
+
+def _unpooled(t: torch.Tensor, shape: torch.Size, channels_last: bool) -> torch.Tensor:
+    """Inverse of :func:`_pooled_view`: back to (N, C, H, W) in the same memory layout."""
+    n, c, h, w = shape
+    if channels_last:
+        return t.view(n, h, w, c).permute(0, 3, 1, 2)
+    return t.view(n, c, h, w)
+
+
+class GroupedDivNormFunction(torch.autograd.Function):
+    """Forward and a hand-derived backward for ``y = exp(gamma) * q / D``, ``q = |x|^P``, ``D = sum_pool q + s``.
+
+    Why by hand: autograd of the composition keeps ``q``, the scale and the quotient alive and walks the
+    full-size tensor about twice as often. With ``r = 1 / D``, ``scale = exp(gamma) * r`` and
+    ``A = sum_pool(grad * q)`` (all per pool and pixel, 1/pool the input's size)::
+
+        dL/dq_c  = scale * grad_c - scale * A * r
+        dL/dx_c  = scale * (grad_c - A * r) * dq_c/dx_c        (dq/dx = 2x for P = 2)
+        dL/dgamma = sum(scale * A)
+        dL/dsigma = -sum(scale * A * r) * d|sigma|^P/dsigma
+
+    Where the denominator floor is active ``D`` is constant, so the ``A * r`` terms are masked out there.
+    Only ``x`` and the small per-pool tensors are saved (not the output, so an in-place op on it is safe).
+    Not twice differentiable; :func:`grouped_divnorm_autograd` is.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, sigma, pool: int, power: float, eps: float):  # type: ignore[override]
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        dim = 3 if channels_last else 2
+        param_shape = (1, 1, -1, 1) if channels_last else (1, -1, 1, 1)
+        xg = _pooled_view(x, pool, channels_last)
+        y = xg * xg if power == 2 else xg.abs().pow(power)
+        denominator = y.sum(dim=dim, keepdim=True)  # 1/pool of the input's size
+        offset = (sigma * sigma if power == 2 else sigma.abs().pow(power)) + eps
+        denominator.add_(offset.view(param_shape))
+        active = denominator > DENOMINATOR_FLOOR
+        reciprocal = denominator.clamp_min_(DENOMINATOR_FLOOR).reciprocal_()
+        # The gain is folded into the small per-pool factor, so the full-size tensor is touched once more.
+        scale = reciprocal * gamma.exp().view(param_shape)
+        y.mul_(scale)  # in place: q becomes the output, one full-size allocation in all
+        ctx.save_for_backward(xg, gamma, sigma, scale, reciprocal.mul_(active))
+        ctx.pool, ctx.power, ctx.dim, ctx.channels_last, ctx.shape = pool, power, dim, channels_last, x.shape
+        return _unpooled(y, x.shape, channels_last)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        xg, gamma, sigma, scale, reciprocal = ctx.saved_tensors
+        pool, power, dim, channels_last = ctx.pool, ctx.power, ctx.dim, ctx.channels_last
+        gg = _pooled_view(grad, pool, channels_last)
+        if power == 2:
+            grad_x = gg * xg  # the one full-size buffer of this backward, reused below
+            pooled = grad_x.mul_(xg).sum(dim=dim, keepdim=True)  # A = sum_pool(grad * x^2)
+        else:
+            pooled = (gg * xg.abs().pow(power)).sum(dim=dim, keepdim=True)
+        scaled = scale * pooled  # per pool and pixel: sum_c grad_c * y_c
+        grad_gamma = grad_sigma = None
+        if ctx.needs_input_grad[0]:
+            correction = pooled * reciprocal
+            if power == 2:
+                # dL/dx = 2 * scale * (grad - A * r) * x, in two passes over the full-size buffer
+                twice_scale = scale * 2
+                torch.addcmul(-correction * twice_scale, gg, twice_scale, out=grad_x)
+                grad_x.mul_(xg)
+            else:
+                dq_dx = xg.abs().pow(power - 1).mul_(xg.sign()).mul_(power)
+                grad_x = (gg - correction).mul_(dq_dx).mul_(scale)
+            grad_x = _unpooled(grad_x, ctx.shape, channels_last)
+        else:
+            grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_gamma = _sum_to(scaled, gamma, dim)
+        if ctx.needs_input_grad[2]:
+            d_offset = 2 * sigma if power == 2 else power * sigma.abs().pow(power - 1) * sigma.sign()
+            grad_sigma = -_sum_to(scaled * reciprocal, sigma, dim) * d_offset
+        return grad_x, grad_gamma, grad_sigma, None, None, None
+
+
+def _sum_to(per_pool: torch.Tensor, param: torch.Tensor, pool_dim: int) -> torch.Tensor:
+    """Sum a per-pool, per-pixel gradient down to a per-pool (G,) or single (1,) parameter's shape."""
+    group_dim = pool_dim - 1
+    total = per_pool.sum(dim=[d for d in range(per_pool.dim()) if d != group_dim])
+    return total if param.numel() == total.numel() else total.sum().reshape(param.shape)
