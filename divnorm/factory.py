@@ -1,4 +1,21 @@
-"""``build_divnorm(specs, num_channels)``: the config's ``divnorm_specs`` dict -> a normalization module."""
+"""``build_divnorm(specs, num_channels)``: the config's ``divnorm_specs`` dict -> a normalization module.
+
+Keys each type reads (a key absent from the dict takes the default shown; keys of other types are ignored):
+
+==========  =========================================================================================
+type        keys (default)
+==========  =========================================================================================
+nonorm      none (returns ``nn.Identity``)
+ours        p (0.5), power (2), gamma (1.0), sigma (1.0), eps (1e-8 when absent; configs set 0),
+            single_gamma, single_sigma, fix_gamma, fix_sigma, fix_all (all false)
+ken         lamb (10.0), alpha (0.1), beta (1.0), k (10.0), fix_all (false)
+lrn         lrn_size (5), lrn_alpha (1e-4), lrn_beta (0.75), lrn_k (2.0)  (AlexNet's values)
+gdn         gdn_beta_min (1e-6), gdn_gamma_init (0.1), fix_all (false)
+==========  =========================================================================================
+
+``type`` and ``asact`` (a placement switch read by models) are accepted for every type. The baselines use
+their own ``lrn_*`` / ``gdn_*`` keys because the shared ``alpha``/``beta``/``k`` defaults belong to ``ken``.
+"""
 
 from __future__ import annotations
 
@@ -7,46 +24,50 @@ from typing import Any
 
 from torch import nn
 
+from divnorm.baselines import GDN2d, LocalResponseNorm2d
 from divnorm.grouped import DivisiveNorm2d
 from divnorm.ken import LineDivisiveNorm2d
 
-# Keys every type accepts: read by models (asact) or meaningful for any layer (type).
 _COMMON_KEYS = {"type", "asact"}
-
-# Keys each type reads, with the default used when the key is absent from the dict. eps defaults to 1e-8 when
-# absent (REFERENCE.md); the shipped configs set it to 0, which the layer guards with a denominator floor.
-_OURS_DEFAULTS: dict[str, Any] = {
-    "p": 0.5,
-    "power": 2.0,
-    "gamma": 1.0,
-    "sigma": 1.0,
-    "eps": 1e-8,
-    "single_gamma": False,
-    "single_sigma": False,
-    "fix_gamma": False,
-    "fix_sigma": False,
-    "fix_all": False,
-}
 
 TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "nonorm": {},
-    "ours": _OURS_DEFAULTS,
+    "ours": {
+        "p": 0.5,
+        "power": 2.0,
+        "gamma": 1.0,
+        "sigma": 1.0,
+        "eps": 1e-8,  # REFERENCE.md: 1e-8 when the key is absent
+        "single_gamma": False,
+        "single_sigma": False,
+        "fix_gamma": False,
+        "fix_sigma": False,
+        "fix_all": False,
+    },
     "ken": {"lamb": 10.0, "alpha": 0.1, "beta": 1.0, "k": 10.0, "fix_all": False},
+    "lrn": {"lrn_size": 5, "lrn_alpha": 1e-4, "lrn_beta": 0.75, "lrn_k": 2.0},
+    "gdn": {"gdn_beta_min": 1e-6, "gdn_gamma_init": 0.1, "fix_all": False},
 }
 
 
-def _build_nonorm(num_channels: int, **_: Any) -> nn.Module:
+def _build_nonorm(num_channels: int) -> nn.Module:
     return nn.Identity()
 
 
-def _build_ours(num_channels: int, **kw: Any) -> nn.Module:
-    return DivisiveNorm2d(num_channels, **kw)
+def _build_lrn(num_channels: int, *, lrn_size, lrn_alpha, lrn_beta, lrn_k) -> nn.Module:
+    return LocalResponseNorm2d(num_channels, size=lrn_size, alpha=lrn_alpha, beta=lrn_beta, k=lrn_k)
+
+
+def _build_gdn(num_channels: int, *, gdn_beta_min, gdn_gamma_init, fix_all) -> nn.Module:
+    return GDN2d(num_channels, beta_min=gdn_beta_min, gamma_init=gdn_gamma_init, fix_all=fix_all)
 
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "nonorm": _build_nonorm,
-    "ours": _build_ours,
+    "ours": DivisiveNorm2d,
     "ken": LineDivisiveNorm2d,
+    "lrn": _build_lrn,
+    "gdn": _build_gdn,
 }
 
 DIVNORM_TYPES: tuple[str, ...] = tuple(_BUILDERS)
@@ -64,9 +85,8 @@ def build_divnorm(specs: Mapping[str, Any], num_channels: int) -> nn.Module:
     """Build the layer ``specs["type"]`` names for ``num_channels`` channels (``nn.Identity`` for ``nonorm``).
 
     ``specs`` is the config's full ``model.divnorm_specs`` dict: keys belonging to other types (``lamb`` for
-    ``ours``) are ignored, keys absent take the type's defaults (``TYPE_DEFAULTS``), and a key no type knows or
-    an unknown type raises ``ValueError`` naming the choices. ``asact`` is a placement switch that models read;
-    it is accepted and ignored here.
+    ``ours``) are ignored, absent keys take the type's defaults (:data:`TYPE_DEFAULTS`; ``type`` itself defaults
+    to ``nonorm``), and a key no type knows or an unknown type raises ``ValueError`` naming the choices.
     """
     if not isinstance(specs, Mapping):
         raise TypeError(f"divnorm_specs must be a dict, got {type(specs).__name__}")
@@ -77,5 +97,7 @@ def build_divnorm(specs: Mapping[str, Any], num_channels: int) -> nn.Module:
     if unknown:
         names = ", ".join(map(repr, unknown))
         raise ValueError(f"unknown divnorm_specs key(s) {names}; known keys: {', '.join(sorted(known_keys()))}")
+    if not isinstance(num_channels, int) or num_channels < 1:
+        raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
     kwargs = {key: specs.get(key, default) for key, default in TYPE_DEFAULTS[kind].items()}
     return _BUILDERS[kind](num_channels, **kwargs)

@@ -27,11 +27,16 @@ class LineDivisiveNorm2d(FiniteCheckMixin, nn.Module):
     with j over a window of ``ken_window(lambda)`` channels centred on c (j = 0 included), zero padding at the
     channel ends, and scalar learnable lambda, alpha, beta, k.
 
-    The window length is fixed at construction from the initial lambda: recomputing it from the learned value
-    each step would need a device sync per forward; the weights ``exp(-|j| / lambda)`` do follow the learned
-    lambda (so it receives a gradient). The base of the power is floored at ``DENOMINATOR_FLOOR`` so a k or
-    alpha driven negative gives a large finite output rather than NaN; :meth:`check_finite` reports divergence
-    (the original reset NaN parameters to constants instead).
+    The channel sum is a 1x1 convolution whose C x C weight is the banded Toeplitz matrix
+    ``exp(-|c - c'| / lambda)`` masked to ``|c - c'| <= window // 2``. The window follows the *learned* lambda
+    as in the original, but as a tensor mask, so there is no device sync per forward (the original read
+    ``lambda.item()`` every step); the mask is piecewise constant, so lambda's gradient comes through the
+    weights, as in the original. Zero padding at the channel ends is implicit (out-of-range neighbours simply
+    do not exist in the matrix). Cost: one 1x1 convolution with C x C weights, channels-last friendly.
+
+    The base of the power is floored at ``DENOMINATOR_FLOOR`` so a k or alpha driven negative yields a large
+    finite output rather than NaN; :meth:`check_finite` reports divergence (the original reset a NaN parameter
+    to a constant and carried on). Under autocast or for fp16/bf16 input the layer computes in fp32.
 
     Args:
         num_channels: C.
@@ -51,16 +56,28 @@ class LineDivisiveNorm2d(FiniteCheckMixin, nn.Module):
         fix_all: bool = False,
     ) -> None:
         super().__init__()
+        ken_window(lamb)  # validates lambda
         self.num_channels = num_channels
-        self.window = ken_window(lamb)
         trainable = not fix_all
         self.lamb = nn.Parameter(torch.tensor(float(lamb)), requires_grad=trainable)
         self.alpha = nn.Parameter(torch.tensor(float(alpha)), requires_grad=trainable)
         self.beta = nn.Parameter(torch.tensor(float(beta)), requires_grad=trainable)
         self.k = nn.Parameter(torch.tensor(float(k)), requires_grad=trainable)
+        index = torch.arange(num_channels)
+        # |c - c'| for every channel pair; not saved in checkpoints (it depends on num_channels only).
+        self.register_buffer("distance", (index[:, None] - index[None, :]).abs().float(), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, window={self.window}, trainable={self.lamb.requires_grad}"
+        return f"{self.num_channels}, trainable={self.lamb.requires_grad}"
+
+    def channel_weights(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The C x C matrix ``exp(-|c - c'| / lambda)``, zero beyond half the window ``ceil(8 lambda)`` (odd)."""
+        lamb = self.lamb.to(dtype)
+        distance = self.distance.to(dtype)
+        with torch.no_grad():
+            size = torch.ceil(8 * lamb)
+            half = torch.floor(size / 2)  # odd window n: (n - 1) / 2; even n is bumped to n + 1: n / 2
+        return torch.exp(-distance / lamb) * (distance <= half)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.num_channels:
@@ -68,21 +85,13 @@ class LineDivisiveNorm2d(FiniteCheckMixin, nn.Module):
                 f"LineDivisiveNorm2d({self.num_channels}) expects (N, {self.num_channels}, H, W) input, "
                 f"got {tuple(x.shape)}"
             )
-        dtype = compute_dtype(x)
+        out_dtype, dtype = x.dtype, compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            y = self._normalize(x.to(dtype), dtype)
-        return y.to(x.dtype)
-
-    def _normalize(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        n, c, h, w = x.shape
-        lamb, alpha, beta, k = (t.to(dtype) for t in (self.lamb, self.alpha, self.beta, self.k))
-        half = self.window // 2
-        offsets = torch.arange(-half, half + 1, device=x.device, dtype=dtype)
-        kernel = torch.exp(-offsets.abs() / lamb).view(1, 1, -1)
-        energy = x * x
-        # The channel sum is a 1-D convolution along C at each pixel: move C last ((N*H*W, 1, C); free for
-        # channels-last input), convolve with zero padding, and move it back.
-        lines = energy.permute(0, 2, 3, 1).reshape(n * h * w, 1, c)
-        pooled = F.conv1d(lines, kernel, padding=half).view(n, h, w, c).permute(0, 3, 1, 2)
-        base = (k * (1 + (alpha / lamb) * pooled)).clamp_min(DENOMINATOR_FLOOR)
-        return energy / base.pow(beta)
+            x = x.to(dtype)
+            lamb, alpha, beta, k = (t.to(dtype) for t in (self.lamb, self.alpha, self.beta, self.k))
+            energy = x * x
+            weight = self.channel_weights(dtype).view(self.num_channels, self.num_channels, 1, 1)
+            pooled = F.conv2d(energy, weight)
+            base = (k * (1 + (alpha / lamb) * pooled)).clamp_min(DENOMINATOR_FLOOR)
+            y = energy / base.pow(beta)
+        return y.to(out_dtype)
