@@ -215,12 +215,14 @@ class DaliLoader(Loader):
         return self._active
 
     def _run_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._feeder.start(self.epoch_plan(epoch))
+        plan = self.epoch_plan(epoch)
+        self._feeder.start(plan)
         pipe = self._pipeline()
         if self._needs_reset:
             pipe.reset()
         self._needs_reset = True
         finished = False
+        consumed = 0
         try:
             pipe.schedule_run()  # the first call fills the prefetch queue
             while True:
@@ -230,7 +232,9 @@ class DaliLoader(Loader):
                     finished = True
                     return
                 except RuntimeError as error:
-                    raise LoaderError(_pipeline_error(error, self.source)) from None
+                    failed = plan[consumed] if consumed < len(plan) else plan[-1]  # batches come out in order
+                    raise LoaderError(_pipeline_error(error, self.source, failed)) from None
+                consumed += 1
                 batch = self._to_torch(outputs)
                 del outputs
                 pipe.schedule_run()  # the next batch is decoded while the caller trains on this one
@@ -281,10 +285,13 @@ class DaliLoader(Loader):
         self._pipe = None
 
 
-def _pipeline_error(error: RuntimeError, source: SampleSource) -> str:
+def _pipeline_error(error: RuntimeError, source: SampleSource, indices: np.ndarray) -> str:
+    """One clear message for a DALI failure: the undecodable file when there is one, else DALI's own reason."""
+    bad = source.find_undecodable(indices)
+    if bad is not None:
+        return f"cannot decode image {bad}: remove or replace it (tools/convert.py skips undecodable files)"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    detail = next((line for line in lines if "rror" in line and "Traceback" not in line), lines[0] if lines else "")
-    return (
-        f"DALI failed on a batch of {source.describe()}: {detail[:400]}. A corrupt or non-image file is the usual "
-        "cause: re-run tools/convert.py (it skips undecodable files) or remove the file"
-    )
+    operator = next((line for line in lines if line.startswith("Error in")), "")
+    reason = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line.startswith("encountered")), "")
+    detail = " ".join(part for part in (operator.rstrip(","), reason) if part) or (lines[0] if lines else "")
+    return f"the DALI pipeline failed on a batch of {source.describe()}: {detail[:400]}"

@@ -52,6 +52,27 @@ class SampleSource:
     def describe(self) -> str:
         return type(self).__name__
 
+    def name(self, index: int) -> str:
+        """A human-readable name of sample ``index`` (its file, or shard and key)."""
+        return f"sample {index}"
+
+    def find_undecodable(self, indices: np.ndarray) -> str | None:
+        """Name of the first sample among ``indices`` that PIL cannot decode (to explain a DALI decode error)."""
+        if self.kind != "jpeg":
+            return None
+        import io
+
+        from PIL import Image
+
+        data, _ = self.read(indices)
+        for index, encoded in zip(indices, data):
+            try:
+                with Image.open(io.BytesIO(encoded.tobytes())) as image:
+                    image.load()
+            except Exception:  # noqa: BLE001 - any failure marks the file
+                return self.name(int(index))
+        return None
+
 
 class FileSource(SampleSource):
     """Encoded image files on disk with their labels."""
@@ -76,6 +97,9 @@ class FileSource(SampleSource):
 
     def describe(self) -> str:
         return f"ImageFolder {self.root} ({len(self)} files)"
+
+    def name(self, index: int) -> str:
+        return self.paths[index]
 
 
 class TarSource(SampleSource):
@@ -111,6 +135,10 @@ class TarSource(SampleSource):
 
     def describe(self) -> str:
         return f"webdataset shards {self.root} ({len(self.shards)} shards, {len(self)} samples)"
+
+    def name(self, index: int) -> str:
+        shard, jpg_offset = int(self.entries[index][0]), int(self.entries[index][1])
+        return f"{self.shards[shard]} (member at byte {jpg_offset}, sample {index})"
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
