@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             formats = [f for f in ("ffcv", "dali") if (args.out / f / "manifest.json").is_file()]
         if not formats:
-            raise ConvertError(f"no manifest.json under {args.out}: nothing converted there yet (run without --verify-only)")
+            raise ConvertError(f"no manifest.json under {args.out}: nothing converted there yet (drop --verify-only)")
         return verify(args.out, formats, args.workers, args.stall_timeout)
     formats = ["ffcv", "dali"] if args.format in (None, "both") else [args.format]
     if args.workers < 1 or (args.subset is not None and args.subset < 1) or not 1 <= args.jpeg_quality <= 100:
@@ -221,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
         for fmt, result in convert_split(source, args, formats).items():
             per_format[fmt].append(result)
     for fmt in formats:
-        files.write_json_atomic(args.out / fmt / "manifest.json", manifest(args, fmt, sources, per_format[fmt], classes))
+        value = manifest(args, fmt, sources, per_format[fmt], classes)
+        files.write_json_atomic(args.out / fmt / "manifest.json", value)
     seconds = time.monotonic() - started
     total = sum(len(s) for s in sources)
     megabytes = sum(s.source_bytes for s in sources) / 1e6

@@ -58,7 +58,7 @@ class TarShardWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.tmp = files.tmp_path(path)
-        self.file = open(self.tmp, "wb")
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed by close() / abort()
         self.digest = hashlib.sha256()
         self.size = 0
         self.samples: list[list[tuple[str, int, int, str]]] = []
@@ -170,7 +170,8 @@ def write_webdataset_split(
             if item.reason is not None:
                 if strict:
                     raise ConvertError(f"{source.paths[item.index]}: {item.reason} (--strict stops here)")
-                pending.skipped.append({"index": item.index, "path": source.relpaths[item.index], "reason": item.reason})
+                entry = {"index": item.index, "path": source.relpaths[item.index], "reason": item.reason}
+                pending.skipped.append(entry)
                 continue
             if shard is None:
                 shard = TarShardWriter(split_dir / f"{_shard_name(number)}.tar")

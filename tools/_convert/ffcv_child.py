@@ -165,9 +165,7 @@ def write(spec: dict) -> dict:
         ),
         "label": IntField(),
     }
-    writer = ffcv.writer.DatasetWriter(
-        spec["output"], fields, page_size=spec["page_size"], num_workers=spec["workers"]
-    )
+    writer = ffcv.writer.DatasetWriter(spec["output"], fields, page_size=spec["page_size"], num_workers=spec["workers"])
     chunk = max(1, min(100, len(samples) // (4 * spec["workers"])))
     stop = threading.Event()
     threading.Thread(target=_watch, args=(lambda: counter.value, stop), daemon=True).start()

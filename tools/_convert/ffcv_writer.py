@@ -14,6 +14,7 @@ FFCV's writer lays out pages in the order its workers finish them, so with more 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import shutil
@@ -102,10 +103,8 @@ def run_child(spec: dict, workdir: Path, total: int, progress: Callable[[int], N
 
 
 def _kill_group(process: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     process.wait()
 
 
@@ -149,7 +148,8 @@ def write_ffcv_split(
         raise ConvertError(f"{source.split}: every source file was skipped; nothing to write")
     labels = np.asarray(source.labels, np.int64)[keep]
     np.save(workdir / "labels.npy", labels)
-    spec: dict[str, Any] = {"mode": "write", "labels": str(workdir / "labels.npy"), "output": str(files.tmp_path(beton))}
+    spec: dict[str, Any] = {"mode": "write", "labels": str(workdir / "labels.npy")}
+    spec["output"] = str(files.tmp_path(beton))
     if source.images is not None:
         np.save(workdir / "images.npy", source.images[keep])
         spec.update(images=str(workdir / "images.npy"), max_res=None, write_mode="raw", page_size=MIN_PAGE)

@@ -7,6 +7,7 @@ that the next run deletes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -81,7 +82,5 @@ def read_json(path: str | os.PathLike) -> Any | None:
 
 
 def remove_quietly(path: str | os.PathLike) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass

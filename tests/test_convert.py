@@ -1,0 +1,367 @@
+"""tools/convert.py end to end: real JPEGs plus planted bad files through the real DALI and FFCV readers.
+
+One conversion of the ImageNet sample (train split, 102 real JPEGs + planted odd and broken files) is shared by
+the round-trip tests; the interruption test kills a second conversion part-way, resumes it and compares.
+Pixel bounds: FFCV raw samples equal the source after the same resize exactly; JPEG-stored samples (FFCV jpg
+pages, re-encoded DALI members, quality 90 with 4:2:0 chroma) are at least 27 dB PSNR from it (the sample's worst
+measured 28.8 dB); DALI members kept as the source bytes at least 40 dB (measured: identical to Pillow's decode).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from tests.conftest import REPO, build_imagefolder, imagenet_sample_rows
+from tools._convert.images import BadImage, decode, fit_within, jpeg_frame
+
+MAX_RES = 256
+SHARD = "512KiB"
+CONVERT = [sys.executable, str(REPO / "tools/convert.py")]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def plant_files(root: Path) -> dict[str, tuple[Path, int | None]]:
+    """Odd-but-valid and broken files in the train class folders: name -> (path, label or None if skipped)."""
+    train = root / "train"
+    classes = sorted(p.name for p in train.iterdir())
+    real = sorted((train / classes[0]).iterdir())[0].read_bytes()
+    planted = {}
+
+    def put(index: int, name: str, data: bytes, good: bool) -> None:
+        path = train / classes[index] / name
+        path.write_bytes(data)
+        planted[name] = (path, index if good else None)
+
+    def jpeg(image: Image.Image, **kwargs) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", **kwargs)
+        return buffer.getvalue()
+
+    put(1, "bad_truncated.JPEG", real[: len(real) // 2], False)
+    put(2, "bad_empty.JPEG", b"", False)
+    put(3, "bad_text.JPEG", b"this is not an image\n", False)
+    gradient = np.linspace(0, 255, 48 * 64 * 3).reshape(48, 64, 3).astype(np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(gradient).save(png, "PNG")
+    put(4, "odd_png.JPEG", png.getvalue(), True)
+    put(5, "odd_cmyk.JPEG", jpeg(Image.open(io.BytesIO(real)).convert("CMYK"), quality=95), True)
+    put(6, "odd_1px.JPEG", jpeg(Image.new("RGB", (1, 1), (200, 30, 60)), quality=95), True)
+    yy, xx = np.mgrid[0:3750, 0:5000]
+    big = np.stack([xx * 255 // 5000, yy * 255 // 3750, (xx + yy) * 255 // 8750], -1).astype(np.uint8)
+    put(7, "odd_5000px.JPEG", jpeg(Image.fromarray(big), quality=90), True)
+    rotated = Image.open(io.BytesIO(real))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    put(8, "odd_exif6.JPEG", jpeg(rotated, quality=95, exif=exif.tobytes()), True)
+    (train / classes[9] / "notes.txt").write_text("not a sample\n")
+    return planted
+
+
+def expected_samples(root: Path, max_res: int | None) -> list[tuple[Path, int, np.ndarray]]:
+    """(path, label, RGB pixels after the documented resize) of every good train file, in ImageFolder order."""
+    train = root / "train"
+    out = []
+    for label, wnid in enumerate(sorted(p.name for p in train.iterdir())):
+        for path in sorted((train / wnid).iterdir()):
+            if path.suffix != ".JPEG" or path.name.startswith("bad_"):
+                continue
+            image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+            w, h = image.size
+            if max_res and max(w, h) > max_res:
+                s = max_res / max(w, h)
+                image = image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+            out.append((path, label, np.asarray(image)))
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def convert(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CONVERT, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, check=False
+    )
+
+
+def dali_read(split_dir: Path) -> tuple[list[np.ndarray], list[int]]:
+    """Every sample of a split's webdataset shards through a real DALI CPU pipeline (reader + decoder)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    tars = sorted(split_dir.glob("shard-*.tar"))
+
+    @pipeline_def(batch_size=16, num_threads=2, device_id=None)
+    def pipeline():
+        jpegs, cls = fn.readers.webdataset(
+            paths=[str(t) for t in tars], index_paths=[str(t.with_suffix(".idx")) for t in tars],
+            ext=["jpg", "cls"], random_shuffle=False, pad_last_batch=True, name="reader",
+        )  # fmt: skip
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB), cls
+
+    pipe = pipeline()
+    pipe.build()
+    size = pipe.epoch_size("reader")
+    images, labels = [], []
+    while len(labels) < size:
+        batch_images, batch_labels = pipe.run()
+        for i in range(min(16, size - len(labels))):
+            images.append(np.array(batch_images.at(i)))
+            labels.append(int(bytes(np.asarray(batch_labels.at(i))).decode()))
+    return images, labels
+
+
+def ffcv_read(beton: Path) -> tuple[list[np.ndarray], list[int], list[int]]:
+    """(pixels, labels, modes) of every sample, read with FFCV's Reader and decoded by its own libffcv imdecode."""
+    threads = torch.get_num_threads()
+    from ffcv.libffcv import imdecode
+    from ffcv.reader import Reader
+
+    torch.set_num_threads(threads)  # import ffcv sets it to 1
+    reader = Reader(str(beton))
+    meta = reader.metadata
+    image_col = meta[f"f{reader.field_names.index('image')}"]
+    label_col = meta[f"f{reader.field_names.index('label')}"]
+    sizes = {int(p): int(s) for p, s in zip(reader.alloc_table["ptr"], reader.alloc_table["size"])}
+    data = np.memmap(beton, np.uint8, mode="r")
+    images, modes = [], []
+    for field in image_col:
+        ptr, h, w = int(field["data_ptr"]), int(field["height"]), int(field["width"])
+        raw = np.asarray(data[ptr : ptr + sizes[ptr]])
+        if field["mode"] == 0:  # jpg
+            out = np.zeros((h, w, 3), np.uint8)
+            imdecode(raw, out, h, w, h, w, 0, 0, 1, 1, False, False)
+        else:
+            out = raw.reshape(h, w, 3)
+        images.append(out)
+        modes.append(int(field["mode"]))
+    return images, [int(v) for v in label_col], modes
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> tuple[Path, dict]:
+    root = build_imagefolder(tmp_path_factory.mktemp("convert-src"), splits=("train",))
+    return root, plant_files(root)
+
+
+@pytest.fixture(scope="module")
+def converted(tree, tmp_path_factory) -> Path:
+    """The uninterrupted reference conversion: both formats, FFCV proportion (raw and JPEG pages)."""
+    out = tmp_path_factory.mktemp("convert-out")
+    run = convert(
+        "imagenet", "--src", str(tree[0]), "--out", str(out), "--split", "train", "--format", "both",
+        "--max-res", str(MAX_RES), "--write-mode", "proportion", "--shard-size", SHARD, "--workers", "2",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "converted imagenet" in run.stdout and "skipped 4" in run.stdout, run.stdout
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- tests
+
+
+def test_image_rules_unit():
+    assert fit_within((5000, 3750), 256) == (256, 192) and fit_within((100, 80), 256) == (100, 80)
+    assert fit_within((4000, 1), 256) == (256, 1)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG", progressive=True)
+    assert jpeg_frame(buffer.getvalue())[:3] == (0xC2, 8, 3)
+    sixteen = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(sixteen, "PNG")
+    assert decode(sixteen.getvalue()).image.getpixel((0, 0)) == (156, 156, 156)  # 40000 >> 8, not clipped
+    with pytest.raises(BadImage, match="empty"):
+        decode(b"")
+
+
+@pytest.mark.timeout(300)
+def test_manifest_lists_counts_classes_and_skipped(tree, converted):
+    root, planted = tree
+    expected = expected_samples(root, MAX_RES)
+    for fmt in ("dali", "ffcv"):
+        manifest = json.loads((converted / fmt / "manifest.json").read_text())
+        assert manifest["format"] == fmt and manifest["counts"] == {"train": len(expected)} == {"train": 107}
+        labels = [label for _, label, _ in expected]
+        assert manifest["per_class"]["train"] == {str(k): labels.count(k) for k in sorted(set(labels))}
+        rows = {r["wnid"]: r["name"] for r in imagenet_sample_rows()}
+        assert [c["wnid"] for c in manifest["classes"]] == sorted(rows)
+        assert [c["index"] for c in manifest["classes"]] == list(range(len(rows)))
+        reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+        assert set(reasons) == {"bad_truncated.JPEG", "bad_empty.JPEG", "bad_text.JPEG", "notes.txt"}
+        assert "truncated" in reasons["bad_truncated.JPEG"] and "empty" in reasons["bad_empty.JPEG"]
+        for record in manifest["files"]:
+            path = converted / fmt / record["path"]
+            assert path.stat().st_size == record["bytes"]
+        assert not list((converted / fmt).rglob("*.tmp"))
+    assert all(planted[n][1] is not None for n in planted if n.startswith("odd_"))
+
+
+@pytest.mark.timeout(300)
+def test_dali_shards_round_trip(tree, converted):
+    expected = expected_samples(tree[0], MAX_RES)
+    images, labels = dali_read(converted / "dali" / "train")
+    assert labels == [label for _, label, _ in expected]
+    plain = 0
+    for (path, _, want), got in zip(expected, images):
+        assert got.shape == want.shape, path.name
+        stored_as_is = path.name == "odd_1px.JPEG" or not path.name.startswith("odd_")
+        kept = stored_as_is and max(Image.open(path).size) <= MAX_RES
+        plain += kept
+        assert psnr(got, want) >= (40 if kept else 27), (path.name, psnr(got, want))
+    manifest = json.loads((converted / "dali" / "manifest.json").read_text())
+    assert manifest["reencoded"]["train"] == len(expected) - plain
+
+
+@pytest.mark.timeout(120)
+def test_dali_shard_bytes_index_and_headers(tree, converted):
+    from wds2idx import IndexCreator
+
+    root, planted = tree
+    shards = sorted((converted / "dali" / "train").glob("shard-*.tar"))
+    assert len(shards) > 3
+    members = {}
+    for shard in shards:
+        reference = shard.with_suffix(".ref")
+        with IndexCreator(str(shard), str(reference), verbose=False) as creator:
+            creator.create_index()
+        assert reference.read_bytes() == shard.with_suffix(".idx").read_bytes()  # DALI's own wds2idx output
+        reference.unlink()
+        with tarfile.open(shard) as tar:
+            for info in tar.getmembers():
+                assert (info.mtime, info.uid, info.gid, info.uname, info.mode) == (0, 0, 0, "", 0o644)
+                members[info.name] = tar.extractfile(info).read()
+    keys = sorted({name.split(".")[0] for name in members})
+    assert keys == [f"{i:08d}" for i in range(107)]
+    expected = expected_samples(root, MAX_RES)
+    small_plain = [i for i, (p, _, _) in enumerate(expected) if p.name == "odd_1px.JPEG"]
+    small_plain += [
+        i for i, (p, _, _) in enumerate(expected) if not p.name.startswith("odd_") and max(Image.open(p).size) < 200
+    ]
+    for i in small_plain:  # a plain JPEG that needs no resize is stored as the source bytes
+        assert members[f"{i:08d}.jpg"] == expected[i][0].read_bytes()
+        assert members[f"{i:08d}.cls"] == str(expected[i][1]).encode()
+    cmyk = next(i for i, (p, _, _) in enumerate(expected) if p.name == "odd_cmyk.JPEG")
+    assert Image.open(io.BytesIO(members[f"{cmyk:08d}.jpg"])).mode == "RGB"
+
+
+@pytest.mark.timeout(300)
+def test_ffcv_round_trip_raw_exact_jpeg_bounded(tree, converted):
+    expected = expected_samples(tree[0], MAX_RES)
+    images, labels, modes = ffcv_read(converted / "ffcv" / "train.beton")
+    assert labels == [label for _, label, _ in expected]
+    assert 0 < sum(m == 0 for m in modes) < len(modes), "proportion mode should store some JPEG, some raw"
+    for (path, _, want), got, mode in zip(expected, images, modes):
+        assert got.shape == want.shape, path.name
+        if mode == 1:  # raw
+            assert np.array_equal(got, want), path.name
+        else:
+            assert psnr(got, want) >= 27, (path.name, psnr(got, want))
+
+
+@pytest.mark.timeout(420)
+def test_kill_minus_9_then_rerun_matches_uninterrupted(tree, converted, tmp_path):
+    out = tmp_path / "out"
+    args = [
+        "imagenet", "--src", str(tree[0]), "--out", str(out), "--split", "train", "--format", "both",
+        "--max-res", str(MAX_RES), "--write-mode", "proportion", "--shard-size", SHARD, "--workers", "2",
+    ]  # fmt: skip
+    process = subprocess.Popen([*CONVERT, *args], cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    third = out / "dali" / "train" / "shard-00002.tar"
+    deadline = time.monotonic() + 180
+    while not third.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert third.exists(), "the conversion never reached its third shard"
+    assert not (out / "dali" / "manifest.json").exists() and not (out / "ffcv" / "manifest.json").exists()
+    first = out / "dali" / "train" / "shard-00000.tar"
+    first_mtime = first.stat().st_mtime_ns
+    rerun = convert(*args, "--verify", timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert "verify: PASS" in rerun.stdout.splitlines()[-1]
+    assert first.stat().st_mtime_ns == first_mtime, "a finished shard was rewritten instead of kept"
+    want = json.loads((converted / "dali" / "manifest.json").read_text())
+    got = json.loads((out / "dali" / "manifest.json").read_text())
+    assert got == want  # counts, class map, skipped, and every shard's size and sha256
+    for record in want["files"]:
+        assert (out / "dali" / record["path"]).read_bytes() == (converted / "dali" / record["path"]).read_bytes()
+    ffcv_want = json.loads((converted / "ffcv" / "manifest.json").read_text())
+    ffcv_got = json.loads((out / "ffcv" / "manifest.json").read_text())
+    for key in ("counts", "per_class", "classes", "skipped", "settings"):
+        assert ffcv_got[key] == ffcv_want[key], key
+
+
+@pytest.mark.timeout(180)
+def test_ffcv_worker_failure_fails_fast_instead_of_hanging(tree, tmp_path):
+    env = dict(os.environ, DIVNORM_CONVERT_FAULT="raise:5")
+    started = time.monotonic()
+    run = convert("imagenet", "--src", str(tree[0]), "--out", str(tmp_path), "--split", "train", "--format", "ffcv",
+                  "--subset", "16", "--write-mode", "raw", "--workers", "2", env=env, timeout=150)  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "FFCV worker process" in run.stderr and "died" in run.stderr, run.stderr
+    assert time.monotonic() - started < 120
+    assert sorted(p.name for p in (tmp_path / "ffcv").iterdir()) == [".convert-state"], "nothing may look finished"
+    assert not list(tmp_path.rglob("*.beton*"))
+
+
+@pytest.mark.timeout(120)
+def test_strict_stops_and_names_the_file(tree, tmp_path):
+    run = convert("imagenet", "--src", str(tree[0]), "--out", str(tmp_path), "--split", "train", "--format", "dali",
+                  "--strict", "--workers", "1")  # fmt: skip
+    assert run.returncode == 2 and "bad_truncated.JPEG" in run.stderr and "--strict" in run.stderr, run.stderr
+    assert not (tmp_path / "dali" / "manifest.json").exists()
+
+
+def test_clear_messages_for_user_mistakes(tmp_path, capsys):
+    from tools.convert import main
+
+    assert main(["imagenet", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["imagenet", "--out", str(tmp_path / "o")]) == 2
+    assert "needs --src" in capsys.readouterr().err
+    (tmp_path / "src" / "train" / "n0001").mkdir(parents=True)
+    assert main(["imagenet", "--src", str(tmp_path / "src"), "--split", "train", "--out", str(tmp_path / "o")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    assert main(["synthetic", "--out", str(tmp_path / "o"), "--split", "nope"]) == 2
+    assert "unknown split" in capsys.readouterr().err
+    assert main(["synthetic", "--out", str(tmp_path / "nothing"), "--verify-only"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(240)
+def test_synthetic_arrays_both_formats(tmp_path):
+    from loaders.datasets import synthetic_arrays
+
+    run = convert("synthetic", "--out", str(tmp_path), "--split", "val", "--subset", "64", "--format", "both",
+                  "--workers", "2")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    images, labels = synthetic_arrays("val")
+    assert np.array_equal(np.load(tmp_path / "dali" / "val" / "images.npy"), images[:64])
+    assert np.array_equal(np.load(tmp_path / "dali" / "val" / "labels.npy"), labels[:64])
+    got, got_labels, modes = ffcv_read(tmp_path / "ffcv" / "val.beton")
+    assert set(modes) == {1} and got_labels == labels[:64].tolist()
+    assert all(np.array_equal(a, b) for a, b in zip(got, images[:64]))
+    manifest = json.loads((tmp_path / "dali" / "manifest.json").read_text())
+    assert manifest["layout"] == "arrays" and manifest["counts"] == {"val": 64}
+    rerun = convert("synthetic", "--out", str(tmp_path), "--split", "val", "--subset", "64", "--format", "dali",
+                    "--verify")  # fmt: skip
+    assert rerun.returncode == 0 and "verify: PASS" in rerun.stdout, rerun.stdout + rerun.stderr
