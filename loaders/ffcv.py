@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loaders.arrays import subset_size
 from loaders.base import Loader, LoaderError, LoaderSpec, samples_per_rank, shard_indices
 from loaders.datasets import array_dataset, check_split, dataset_info
 
@@ -137,7 +138,6 @@ class FfcvLoader(Loader):
         check_split(spec.split)
         info = dataset_info(spec.dataset)
         pipeline_module, writer_module = import_backend()
-        self._errors = pipeline_module.FfcvWorkerError
         device = torch.device(spec.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise LoaderError(f"device {device} requested but CUDA is not available; use --device cpu")
@@ -194,11 +194,7 @@ class FfcvLoader(Loader):
             os_cache=bool(spec.option("os_cache", True)),
         )
         self.pipeline, self.built_pipeline = pipeline_module.compiled_pipeline(self.config)
-        subset = spec.option("subset")
-        total = self.pipeline.num_samples
-        if subset is not None and (int(subset) < 1 or int(subset) != subset):
-            raise LoaderError(f"data.subset must be a positive integer, got {subset!r}")
-        super().__init__(spec, min(int(subset), total) if subset is not None else total)
+        super().__init__(spec, subset_size(spec, self.pipeline.num_samples))
         self.order = order
         self.batches_ahead = max(1, int(spec.option("batches_ahead", 3)))
         self.timeout = float(spec.option("ffcv_timeout", 300.0))

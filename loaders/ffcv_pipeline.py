@@ -151,9 +151,10 @@ class CompiledPipeline:
         self._lock = threading.Lock()
         threads = torch.get_num_threads()
         try:
-            self.image_ops = image_operations(config)
+            image_ops = image_operations(config)
+            self.decoder = image_ops[0]  # kept before FFCV pops it out of the list it is given
             pipelines: dict[str, list[Operation] | None] = {
-                "image": self.image_ops,
+                "image": list(image_ops),
                 "label": label_operations(config),
             }
             from ffcv.reader import Reader
@@ -176,7 +177,6 @@ class CompiledPipeline:
             torch.set_num_threads(threads)  # FFCV's Compiler.set_num_threads also sets torch's
         names = list(self.loader.pipeline_specs)
         self.image_index, self.label_index = names.index("image"), names.index("label")
-        self.decoder = self.image_ops[0]
         self.num_samples = int(self.loader.reader.num_samples)
 
     @property
