@@ -122,6 +122,7 @@ def validate(source: SplitSource, args: argparse.Namespace) -> tuple[list[dict],
 
 def convert_split(source: SplitSource, args: argparse.Namespace, formats: list[str]) -> dict[str, SplitResult]:
     results: dict[str, SplitResult] = {}
+    started = time.monotonic()
     if "dali" in formats:
         folder = args.out / "dali"
         if source.images is not None:
@@ -132,7 +133,9 @@ def convert_split(source: SplitSource, args: argparse.Namespace, formats: list[s
                     source, folder, dali_settings(args, source), workers=args.workers,
                     shard_size=args.shard_size, strict=args.strict, progress=bar.update,
                 )  # fmt: skip
+        results["dali"].seconds = time.monotonic() - started
     if "ffcv" in formats:
+        started = time.monotonic()
         folder, settings = args.out / "ffcv", ffcv_settings(args, source)
         record = current_record(source, folder, settings)
         if record is not None:
@@ -149,6 +152,7 @@ def convert_split(source: SplitSource, args: argparse.Namespace, formats: list[s
                     source, folder, settings, skipped=skipped, max_pixels=max_pixels, workers=args.workers,
                     stall_timeout=args.stall_timeout, progress=bar.update,
                 )  # fmt: skip
+        results["ffcv"].seconds = time.monotonic() - started  # includes the FFCV-only decode pass
     return results
 
 
@@ -229,6 +233,13 @@ def run(args: argparse.Namespace) -> int:
     first = per_format[formats[0]]
     counts = ", ".join(f"{s.split} {r.count}" for s, r in zip(sources, first))
     skipped = sum(len(r.skipped) + len(s.ignored) for s, r in zip(sources, first))
+    phases = [
+        f"{fmt} {s.split} {r.seconds:.1f} s"
+        + (f" (FFCV start-up {r.startup_seconds:.1f} s)" if r.startup_seconds else "")
+        for fmt in formats
+        for s, r in zip(sources, per_format[fmt])
+    ]
+    print(f"time per step: {'; '.join(phases)}", flush=True)
     print(
         f"converted {args.dataset} -> {args.out} ({'+'.join(formats)}): {counts} | skipped {skipped} | "
         f"{seconds:.1f} s | {total / seconds:.1f} images/s | {megabytes / seconds:.1f} MB/s",

@@ -50,6 +50,8 @@ class SplitResult:
     reencoded: int = 0
     max_pixels: int = 0  # largest width * height of a kept sample, before any resize
     written_bytes: int = 0  # bytes written by this run (kept files excluded)
+    seconds: float = 0.0  # time this run spent on the split
+    startup_seconds: float = 0.0  # of which starting FFCV's child process (importing ffcv: ~10 s of one core)
 
 
 class TarShardWriter:

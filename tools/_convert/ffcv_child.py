@@ -140,7 +140,9 @@ def _seed_proportion(seed: int) -> None:
 
 
 def write(spec: dict) -> dict:
+    started = time.monotonic()
     _import_ffcv()
+    imported = time.monotonic()
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
     from tqdm import tqdm
@@ -171,7 +173,7 @@ def write(spec: dict) -> dict:
     threading.Thread(target=_watch, args=(lambda: counter.value, stop), daemon=True).start()
     writer.from_indexed_dataset(samples, chunksize=chunk)
     stop.set()
-    return {"count": len(samples)}
+    return {"count": len(samples), "import_seconds": imported - started}
 
 
 def verify(spec: dict) -> dict:

@@ -165,7 +165,7 @@ def write_ffcv_split(
     )
     files.remove_quietly(spec["output"])
     try:
-        run_child(spec, workdir, len(keep), progress, stall_timeout)
+        child = run_child(spec, workdir, len(keep), progress, stall_timeout)
         files.finish(spec["output"], beton)
     finally:
         files.remove_quietly(spec["output"])
@@ -182,6 +182,7 @@ def write_ffcv_split(
     files.write_json_atomic(state, record)
     result = result_from_record(record, source.split)
     result.written_bytes = record["file"]["bytes"]
+    result.startup_seconds = child["import_seconds"]
     return result
 
 

@@ -1,0 +1,150 @@
+"""Conversion speed of ``tools/convert.py``: images/s and MB/s per format and worker count.
+
+    .venv/bin/python benchmarks/convert_speed.py --copies 30 --repeats 2
+
+Builds an ImageFolder tree in /tmp from the real ImageNet sample (``../shared/data/imagenet-sample``), each
+JPEG repeated ``--copies`` times (hard links, so nothing is copied), then converts its ``train`` split with
+1 and 2 workers for each format, alternating the runs so that load from other processes hits both alike, and
+takes the best of ``--repeats``. The figures are the converter's own final line (whole conversion: decode pass,
+writing, FFCV's child process start-up; Python start-up excluded). Results go to
+``benchmarks/convert/<host>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import imagenet_sample_dir, imagenet_sample_rows  # noqa: E402
+
+LINE = re.compile(r"\| ([\d.]+) s \| ([\d.]+) images/s \| ([\d.]+) MB/s")
+
+
+def build_tree(root: Path, copies: int) -> int:
+    """``root/train/<wnid>/<copy>_<file>`` for every sample image; returns the number of files."""
+    if root.exists():
+        shutil.rmtree(root)
+    src = imagenet_sample_dir()
+    count = 0
+    for row in imagenet_sample_rows():
+        folder = root / "train" / row["wnid"]
+        folder.mkdir(parents=True, exist_ok=True)
+        for copy in range(copies):
+            target = folder / f"{copy:03d}_{row['file']}"
+            try:
+                os.link(src / row["file"], target)
+            except OSError:
+                shutil.copyfile(src / row["file"], target)
+            count += 1
+    return count
+
+
+def convert(src: Path, out: Path, fmt: str, workers: int, extra: list[str]) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "tools/convert.py", "imagenet", "--src", str(src), "--out", str(out), "--split",
+               "train", "--format", fmt, "--workers", str(workers), *extra]  # fmt: skip
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    match = LINE.search(run.stdout)
+    if run.returncode != 0 or not match:
+        raise SystemExit(f"conversion failed: {' '.join(command)}\n{run.stdout}\n{run.stderr[-3000:]}")
+    seconds, rate, mbps = (float(v) for v in match.groups())
+    startup = sum(float(v) for v in re.findall(r"FFCV start-up ([\d.]+) s", run.stdout))
+    images = rate * seconds
+    written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and ".convert-state" not in p.parts)
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "seconds": seconds,
+        "images_per_s": rate,
+        "source_mb_per_s": mbps,
+        "output_mb": round(written / 1e6, 1),
+        "ffcv_startup_seconds": startup,
+        "images_per_s_after_startup": round(images / (seconds - startup), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--copies", type=int, default=30, help="repeats of each of the 102 sample JPEGs")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/convert-bench"))
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "convert")
+    args = parser.parse_args()
+    src = args.work / "src"
+    files = build_tree(src, args.copies)
+    settings = {
+        "dali": ("dali", ["--shard-size", "256MiB"]),
+        "dali --max-res 256": ("dali", ["--max-res", "256"]),
+        "ffcv (max-res 512, proportion 0.5, q90)": ("ffcv", []),
+    }
+    load_before = os.getloadavg()
+    rows = []
+    for name, (fmt, extra) in settings.items():
+        best = {}
+        for _ in range(args.repeats):
+            for workers in (1, 2):
+                result = convert(src, args.work / "out", fmt, workers, extra)
+                print(f"{name:45s} workers={workers}: {result}", flush=True)
+                if workers not in best or result["images_per_s"] > best[workers]["images_per_s"]:
+                    best[workers] = result
+        speedup = best[2]["images_per_s"] / best[1]["images_per_s"]
+        steady = best[2]["images_per_s_after_startup"] / best[1]["images_per_s_after_startup"]
+        row = {"setting": name, "format": fmt, "args": extra, "speedup_2_vs_1": round(speedup, 2)}
+        row["speedup_after_startup"] = round(steady, 2)
+        rows.append({**row, **{f"workers_{w}": r for w, r in best.items()}})
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    machine = {
+        "host": platform.node(),
+        "cpu": next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "?"),
+        "cores": os.cpu_count(),
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+    }
+    report = {
+        "command": f".venv/bin/python benchmarks/convert_speed.py --copies {args.copies} --repeats {args.repeats}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "files": files,
+        "source_mb": round(sum(p.stat().st_size for p in src.rglob("*.JPEG")) / 1e6, 1),
+        "machine": machine,
+        "results": rows,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        "# tools/convert.py speed",
+        "",
+        f"`{report['command']}` on {machine['cpu']}, {machine['cores']} cores, {report['date']}; load average "
+        f"{machine['load_average_before'][0]} before, {machine['load_average_after'][0]} after (other jobs ran on "
+        "the machine, so only the ratios within one run mean much).",
+        f"Source: {files} JPEGs ({report['source_mb']} MB), the 102 ImageNet sample images repeated; `train` split.",
+        "",
+        "| setting | workers | seconds | images/s | source MB/s | output MB | 2 vs 1 worker | FFCV start-up s |"
+        " images/s without it | 2 vs 1 without it |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for workers in (1, 2):
+            r = row[f"workers_{workers}"]
+            ratio = f"{row['speedup_2_vs_1']:.2f}x" if workers == 2 else ""
+            steady = f"{row['speedup_after_startup']:.2f}x" if workers == 2 else ""
+            lines.append(
+                f"| {row['setting']} | {workers} | {r['seconds']:.1f} | {r['images_per_s']:.1f} | "
+                f"{r['source_mb_per_s']:.1f} | {r['output_mb']:.1f} | {ratio} | "
+                f"{r['ffcv_startup_seconds']:.1f} | {r['images_per_s_after_startup']:.1f} | {steady} |"
+            )
+    (args.results / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
