@@ -69,17 +69,39 @@ class AutogradDivNorm(DivisiveNorm2d):
         return grouped_divnorm_autograd(x, self.gamma, self.sigma, self.pool, self.power, self.eps)
 
 
-def time_forward_backward(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
-    """Seconds for one forward + backward (input and parameter gradients) of ``layer`` on ``x``."""
+def time_forward_backward(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, clock: Callable[[], float]) -> float:
+    """Seconds (on ``clock``) for one forward + backward (input and parameter gradients) of ``layer`` on ``x``."""
     x.grad = None
     layer.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    start = clock()
     layer(x).backward(grad)
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def run(shape: tuple[int, int, int, int], rounds: int, warmup: int, channels_last: bool) -> dict[str, list[float]]:
+# Two ways to time, both reported: wall clock with torch's default threads (what a training step sees on an
+# idle machine), and the thread's own CPU time with one thread, which time-slicing by other processes on a
+# shared machine does not inflate (with 2+ threads, a descheduled thread stalls every kernel's barrier).
+MODES = {
+    "wall, default threads": (None, time.perf_counter),
+    "CPU time, 1 thread": (1, time.thread_time),
+}
+
+
+def run(
+    shape: tuple[int, int, int, int], rounds: int, warmup: int, channels_last: bool, mode: str
+) -> dict[str, list[float]]:
     """Interleaved timings per candidate: ``{name: [seconds per round]}``."""
+    threads, clock = MODES[mode]
+    default_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(shape, rounds, warmup, channels_last, clock)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _run(shape, rounds, warmup, channels_last, clock) -> dict[str, list[float]]:
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_(True)
@@ -95,12 +117,12 @@ def run(shape: tuple[int, int, int, int], rounds: int, warmup: int, channels_las
     names = list(layers)
     for _ in range(warmup):
         for name in names:
-            time_forward_backward(layers[name], x, grad)
+            time_forward_backward(layers[name], x, grad, clock)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
         for name in order:
-            times[name].append(time_forward_backward(layers[name], x, grad))
+            times[name].append(time_forward_backward(layers[name], x, grad, clock))
     return times
 
 
@@ -116,7 +138,7 @@ def report(shape, rounds, warmup, results: dict[str, dict[str, list[float]]], co
         f"- tensor {tuple(shape)} fp32, p = 0.5, power 2; {rounds} interleaved rounds after {warmup} warm-up",
         f"- goals: DN <= {GOAL_VS_BATCHNORM}x BatchNorm2d+ReLU; DN >= {GOAL_VS_CONV3D}x faster than conv3d",
         "",
-        "| layout | candidate | median ms | min ms |",
+        "| layout, clock | candidate | median ms | min ms |",
         "|---|---|---:|---:|",
     ]
     summary = []
@@ -136,7 +158,7 @@ def report(shape, rounds, warmup, results: dict[str, dict[str, list[float]]], co
         ]
     lines += [
         "",
-        "| layout | ratio | of medians | median per round | goal | |",
+        "| layout, clock | ratio | of medians | median per round | goal | |",
         "|---|---|---:|---:|---|---|",
         *summary,
         "",
@@ -169,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 1")
     shape = tuple(args.shape)
     results = {
-        layout: run(shape, args.rounds, args.warmup, channels_last=(layout == "channels-last"))
+        f"{layout}, {mode}": run(shape, args.rounds, args.warmup, layout == "channels-last", mode)
+        for mode in MODES
         for layout in ("NCHW", "channels-last")
     }
     command = "python benchmarks/divnorm_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])

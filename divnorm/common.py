@@ -7,11 +7,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-# Smallest value a denominator may take, in fp32. With the config's eps = 0 and a learnable sigma that has
-# reached 0, a pool of all-zero inputs would give 0 / 0. Flooring the denominator keeps the output at 0 there;
-# the floor never changes a normal result because any denominator it touches is already < 1e-20 (the output
-# bound y <= exp(gamma) still holds: the numerator is <= the unfloored denominator). 1e-20 rather than
-# float32's tiny: backward divides by the denominator squared, which must not overflow.
+# Smallest value a denominator may take. With the config's eps = 0 and a learnable sigma that has reached 0, a
+# pool of all-zero inputs would give 0 / 0. ``ours`` floors its per-pool offset |sigma|^P + eps at this value
+# (a (G,)-sized op, so the output stays exact: 0 there), ``ken`` floors the base of its power. The result differs
+# from the unfloored formula only when the offset is below 1e-20, and ``ours`` keeps its output bound
+# y <= exp(gamma). 1e-20 rather than float32's tiny: backward divides by the denominator squared.
 DENOMINATOR_FLOOR = 1e-20
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)

@@ -147,18 +147,19 @@ def _unpooled(t: torch.Tensor, shape: torch.Size, channels_last: bool) -> torch.
 class GroupedDivNormFunction(torch.autograd.Function):
     """Forward and a hand-derived backward for ``y = exp(gamma) * q / D``, ``q = |x|^P``, ``D = sum_pool q + s``.
 
-    Why by hand: autograd of the composition keeps ``q``, the scale and the quotient alive and walks the
-    full-size tensor about twice as often. With ``r = 1 / D``, ``scale = exp(gamma) * r`` and
-    ``A = sum_pool(grad * q)`` (all per pool and pixel, 1/pool the input's size)::
+    Why by hand: autograd of the composition keeps ``q``, the scale and the quotient alive, walks the
+    full-size tensor more often and launches about twice as many kernels (each a thread barrier, which is
+    what costs most on a busy CPU). With ``s = max(|sigma|^P + eps, floor)``, ``scale = exp(gamma) / D`` and
+    ``A = sum_pool(grad * q)``, ``T = scale * A`` (all per pool and pixel, 1/pool the input's size)::
 
-        dL/dq_c  = scale * grad_c - scale * A * r
-        dL/dx_c  = scale * (grad_c - A * r) * dq_c/dx_c        (dq/dx = 2x for P = 2)
-        dL/dgamma = sum(scale * A)
-        dL/dsigma = -sum(scale * A * r) * d|sigma|^P/dsigma
+        dL/dx_c   = (scale * grad_c - T / D) * dq_c/dx_c        (dq/dx = 2x for P = 2)
+        dL/dgamma = sum(T)
+        dL/dsigma = -sum(T / D) * d|sigma|^P/dsigma
 
-    Where the denominator floor is active ``D`` is constant, so the ``A * r`` terms are masked out there.
-    Only ``x`` and the small per-pool tensors are saved (not the output, so an in-place op on it is safe).
-    Not twice differentiable; :func:`grouped_divnorm_autograd` is.
+    The floor sits on the per-pool offset ``s`` (a (G,)-sized op) rather than on ``D``, so ``D >= floor``
+    holds without a full clamp and ``x`` keeps its exact gradient. Only ``x``, ``D`` and ``scale`` are saved
+    (not the output, so an in-place op on it is safe). Not twice differentiable;
+    :func:`grouped_divnorm_autograd` is.
     """
 
     @staticmethod
@@ -168,22 +169,20 @@ class GroupedDivNormFunction(torch.autograd.Function):
         param_shape = (1, 1, -1, 1) if channels_last else (1, -1, 1, 1)
         xg = _pooled_view(x, pool, channels_last)
         y = xg * xg if power == 2 else xg.abs().pow(power)
-        denominator = y.sum(dim=dim, keepdim=True)  # 1/pool of the input's size
-        offset = (sigma * sigma if power == 2 else sigma.abs().pow(power)) + eps
-        denominator.add_(offset.view(param_shape))
-        active = denominator > DENOMINATOR_FLOOR
-        reciprocal = denominator.clamp_min_(DENOMINATOR_FLOOR).reciprocal_()
+        offset = ((sigma * sigma if power == 2 else sigma.abs().pow(power)) + eps).clamp_min(DENOMINATOR_FLOOR)
+        denominator = y.sum(dim=dim, keepdim=True).add_(offset.view(param_shape))  # 1/pool of the input's size
         # The gain is folded into the small per-pool factor, so the full-size tensor is touched once more.
-        scale = reciprocal * gamma.exp().view(param_shape)
+        scale = torch.div(gamma.exp().view(param_shape), denominator)
         y.mul_(scale)  # in place: q becomes the output, one full-size allocation in all
-        ctx.save_for_backward(xg, gamma, sigma, scale, reciprocal.mul_(active))
-        ctx.pool, ctx.power, ctx.dim, ctx.channels_last, ctx.shape = pool, power, dim, channels_last, x.shape
+        ctx.save_for_backward(xg, gamma, sigma, scale, denominator)
+        ctx.pool, ctx.power, ctx.eps, ctx.dim, ctx.channels_last = pool, power, eps, dim, channels_last
+        ctx.shape = x.shape
         return _unpooled(y, x.shape, channels_last)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        xg, gamma, sigma, scale, reciprocal = ctx.saved_tensors
+        xg, gamma, sigma, scale, denominator = ctx.saved_tensors
         pool, power, dim, channels_last = ctx.pool, ctx.power, ctx.dim, ctx.channels_last
         gg = _pooled_view(grad, pool, channels_last)
         if power == 2:
@@ -191,26 +190,27 @@ class GroupedDivNormFunction(torch.autograd.Function):
             pooled = grad_x.mul_(xg).sum(dim=dim, keepdim=True)  # A = sum_pool(grad * x^2)
         else:
             pooled = (gg * xg.abs().pow(power)).sum(dim=dim, keepdim=True)
-        scaled = scale * pooled  # per pool and pixel: sum_c grad_c * y_c
+        total = pooled.mul_(scale)  # T = sum_pool(grad * y)
+        correction = torch.div(total, denominator)  # T / D
         grad_gamma = grad_sigma = None
         if ctx.needs_input_grad[0]:
-            correction = pooled * reciprocal
             if power == 2:
-                # dL/dx = 2 * scale * (grad - A * r) * x, in two passes over the full-size buffer
-                twice_scale = scale * 2
-                torch.addcmul(-correction * twice_scale, gg, twice_scale, out=grad_x)
+                # dL/dx = (2 * scale * grad - 2 * T / D) * x: two passes over the full-size buffer
+                torch.addcmul(correction.mul(-2), gg, scale, value=2, out=grad_x)
                 grad_x.mul_(xg)
             else:
                 dq_dx = xg.abs().pow(power - 1).mul_(xg.sign()).mul_(power)
-                grad_x = (gg - correction).mul_(dq_dx).mul_(scale)
+                grad_x = torch.addcmul(-correction, gg, scale).mul_(dq_dx)
             grad_x = _unpooled(grad_x, ctx.shape, channels_last)
         else:
             grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_gamma = _sum_to(scaled, gamma, dim)
+            grad_gamma = _sum_to(total, gamma, dim)
         if ctx.needs_input_grad[2]:
+            offset = (sigma * sigma if power == 2 else sigma.abs().pow(power)) + ctx.eps
             d_offset = 2 * sigma if power == 2 else power * sigma.abs().pow(power - 1) * sigma.sign()
-            grad_sigma = -_sum_to(scaled * reciprocal, sigma, dim) * d_offset
+            # the floor on the offset is constant where it is active
+            grad_sigma = -_sum_to(correction, sigma, dim) * d_offset * (offset > DENOMINATOR_FLOOR)
         return grad_x, grad_gamma, grad_sigma, None, None, None
 
 
