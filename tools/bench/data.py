@@ -1,0 +1,175 @@
+"""Where each loader reads from: ``--data`` resolved per loader, conversion into a cache where a format is missing,
+and the repeated ImageNet sample tree used for the committed CPU results.
+
+``--data`` may be a source data set (an ImageFolder root for ImageNet, the folder holding
+``cifar-100-python/`` for CIFAR-100) or an output folder of ``tools/convert.py`` (``OUT`` with ``OUT/ffcv`` and/or
+``OUT/dali``). The synthetic set needs nothing. Where the DALI or FFCV loader needs a converted ImageNet that
+``--data`` does not hold, :func:`prepare_data` runs ``tools/convert.py`` into a cache folder once and times it;
+the time is reported apart from the throughput.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+CONVERT = REPO / "tools" / "convert.py"
+# which converted format each loader reads for a JPEG data set (the torch loader decodes the source itself)
+FORMAT_OF_LOADER = {"dali": "dali", "ffcv": "ffcv"}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "divnorm-trainer" / "benchmark"
+
+
+def has_format(root: Path, fmt: str) -> bool:
+    """True when ``root`` (or ``root/<fmt>``) holds a finished conversion in ``fmt`` (its manifest, written last)."""
+    for folder in (root / fmt, root):
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            try:
+                if json.loads(manifest.read_text()).get("format") == fmt:
+                    return True
+            except (OSError, ValueError):
+                continue
+    return False
+
+
+def is_converted(root: Path) -> bool:
+    return any(has_format(root, fmt) for fmt in ("dali", "ffcv"))
+
+
+@dataclass
+class DataPlan:
+    """The folder each loader gets as ``spec.data_dir``, and the conversions made to get there."""
+
+    data_dirs: dict[str, str | None] = field(default_factory=dict)
+    conversions: list[dict[str, Any]] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)  # loader -> why it cannot read this data
+
+
+def check_data(dataset: str, data: str | None) -> None:
+    """Fail early, with the fix, when ``--data`` cannot hold ``dataset``."""
+    if dataset == "synthetic":
+        return
+    if data is None:
+        what = "an ImageFolder root (train/<wnid>/*.JPEG)" if dataset == "imagenet" else "the CIFAR-100 root"
+        raise SystemExit(f"benchmark: --dataset {dataset} needs --data: {what} or a tools/convert.py output folder")
+    root = Path(data)
+    if not root.is_dir():
+        raise SystemExit(f"benchmark: --data {data} is not a folder")
+    if dataset == "imagenet" and not (root / "train").is_dir() and not is_converted(root):
+        raise SystemExit(
+            f"benchmark: --data {data} holds neither train/<wnid>/ folders (ImageFolder) nor a tools/convert.py "
+            "output (ffcv/ or dali/ with manifest.json)"
+        )
+
+
+def _cache_folder(cache: Path, dataset: str, source: Path) -> Path:
+    digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]
+    return cache / f"{dataset}-{source.name}-{digest}"
+
+
+def convert(dataset: str, source: Path, out: Path, fmt: str, timeout: float = 3600) -> dict[str, Any]:
+    """Run ``tools/convert.py`` for one format; the record of what it did and how long it took."""
+    record: dict[str, Any] = {"dataset": dataset, "format": fmt, "source": str(source), "out": str(out)}
+    if not CONVERT.is_file():
+        return {**record, "status": "skipped", "reason": "tools/convert.py is not in this checkout", "seconds": None}
+    command = [sys.executable, str(CONVERT), dataset, "--src", str(source), "--out", str(out), "--format", fmt]
+    record["command"] = " ".join(command)
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**record, "status": "failed", "reason": f"conversion ran over {timeout:.0f} s", "seconds": timeout}
+    seconds = round(time.perf_counter() - started, 2)
+    if done.returncode != 0 or not has_format(out, fmt):
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {
+            **record,
+            "status": "failed",
+            "reason": " | ".join(tail) or f"exit {done.returncode}",
+            "seconds": seconds,
+        }
+    return {**record, "status": "ok", "reason": "", "seconds": seconds}
+
+
+def prepare_data(dataset: str, data: str | None, loaders: list[str], cache: Path | None) -> DataPlan:
+    """Resolve ``--data`` per loader, converting ImageNet into ``cache`` for DALI / FFCV where needed.
+
+    In-memory data sets (synthetic, CIFAR-100) are read by every loader straight from their arrays, so they are
+    never converted here.
+    """
+    plan = DataPlan()
+    for loader in loaders:
+        plan.data_dirs[loader] = data
+    if dataset != "imagenet" or data is None:
+        return plan
+    root = Path(data)
+    cache = cache or default_cache_dir()
+    for loader in loaders:
+        fmt = FORMAT_OF_LOADER.get(loader)
+        if fmt is None or has_format(root, fmt):
+            continue
+        if not (root / "train").is_dir():
+            plan.unavailable[loader] = f"--data {data} has no {fmt} conversion and no ImageFolder source to make one"
+            continue
+        out = _cache_folder(cache, dataset, root)
+        if has_format(out, fmt):
+            plan.conversions.append(
+                {
+                    "dataset": dataset,
+                    "format": fmt,
+                    "source": str(root),
+                    "out": str(out),
+                    "status": "cached",
+                    "reason": "reused an earlier conversion",
+                    "seconds": 0.0,
+                }
+            )
+        else:
+            print(f"benchmark: converting {root} to {fmt} in {out} (timed separately)", file=sys.stderr)
+            record = convert(dataset, root, out, fmt)
+            plan.conversions.append(record)
+            if record["status"] != "ok":
+                plan.unavailable[loader] = f"conversion to {fmt} {record['status']}: {record['reason']}"
+                continue
+        plan.data_dirs[loader] = str(out)
+    return plan
+
+
+def make_sample_tree(dest: Path, copies: int, source: Path, val_copies: int = 1) -> tuple[int, int]:
+    """An ImageFolder tree of the real ImageNet sample repeated ``copies`` times in train/ (``val_copies`` in val/).
+
+    Files are real copies (``<stem>_<k>.JPEG``), so reading them costs what reading distinct files costs.
+    Returns (train files, val files).
+    """
+    labels = source / "LABELS.tsv"
+    if not labels.is_file():
+        raise SystemExit(f"benchmark: {source} is not the ImageNet sample (no LABELS.tsv)")
+    with open(labels) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    counts = []
+    for split, n in (("train", copies), ("val", val_copies)):
+        total = 0
+        for row in rows:
+            folder = dest / split / row["wnid"]
+            folder.mkdir(parents=True, exist_ok=True)
+            stem, suffix = os.path.splitext(row["file"])
+            for k in range(n):
+                target = folder / f"{stem}_{k:03d}{suffix}"
+                if not target.exists():
+                    shutil.copyfile(source / row["file"], target)
+                total += 1
+        counts.append(total)
+    return counts[0], counts[1]

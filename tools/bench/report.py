@@ -1,0 +1,295 @@
+"""Turn benchmark records into decisions and files: verdicts, the tuned setting, results.json / results.md / PNGs.
+
+Verdict per model (and DN variant, and device), following the issue's definition: with ``U`` the compute-only
+upper bound (training steps on a device-resident batch), ``L`` the best loader-only images/s at the batch size of
+the best training setting and ``T`` that best training throughput:
+
+* ``loader-bound`` when ``L < U``: even alone the loader cannot feed the model as fast as it computes;
+* ``compute-bound`` otherwise: the loader keeps up. When ``T`` is still well below ``U`` the loader and the step
+  compete for the same resource (CPU cores on a CPU run, host threads on a GPU run); the verdict says so.
+
+``headroom`` = ``U / T - 1``: how much faster training would run if data were free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+CONTENTION_FRACTION = 0.9  # T below 90 % of U with a fast enough loader: the two compete
+
+
+def ok(records: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
+    """The measured records whose keys equal ``match``."""
+    return [
+        r
+        for r in records
+        if r.get("status") == "ok"
+        and r.get("images_per_second") is not None
+        and all(r.get(k) == v for k, v in match.items())
+    ]
+
+
+def _best(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(records, key=lambda r: r["images_per_second"], default=None)
+
+
+def describe_setting(record: dict[str, Any]) -> str:
+    loader = f"{record['loader']}[{record['dali_device']}]" if record.get("dali_device") else record["loader"]
+    return f"{loader}, {record['device']}, workers {record['workers']}, batch {record['batch_size']}"
+
+
+def verdicts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One verdict per (model, divnorm, device) that has an upper bound and at least one training setting."""
+    out = []
+    keys = sorted({(r["model"], r.get("divnorm"), r["device"]) for r in ok(records, mode="upper_bound")}, key=str)
+    for model, divnorm, device in keys:
+        best_train = _best(ok(records, mode="train", model=model, divnorm=divnorm, device=device))
+        if best_train is None:
+            continue
+        batch = best_train["batch_size"]
+        upper = _best(ok(records, mode="upper_bound", model=model, divnorm=divnorm, device=device, batch_size=batch))
+        if upper is None:
+            continue
+        best_loader = _best(ok(records, mode="loader", device=device, batch_size=batch))
+        u, t = upper["images_per_second"], best_train["images_per_second"]
+        l_ips = best_loader["images_per_second"] if best_loader else None
+        if l_ips is not None:
+            bound = "loader-bound" if l_ips < u else "compute-bound"
+        else:  # no loader-only measurement: judge by the training gap alone
+            bound = "loader-bound" if t < CONTENTION_FRACTION * u else "compute-bound"
+        note = ""
+        if bound == "compute-bound" and t < CONTENTION_FRACTION * u:
+            note = "the loader alone keeps up, but loading and the training step compete for the same cores"
+        elif bound == "loader-bound":
+            note = "a faster loader setting (or more decode resources) would speed training up"
+        out.append(
+            {
+                "model": model,
+                "divnorm": divnorm,
+                "device": device,
+                "batch_size": batch,
+                "verdict": bound,
+                "note": note,
+                "upper_bound_images_per_second": u,
+                "best_train_images_per_second": t,
+                "best_loader_images_per_second": l_ips,
+                "best_loader_setting": describe_setting(best_loader) if best_loader else None,
+                "best_setting": describe_setting(best_train),
+                "best_setting_record": {k: best_train[k] for k in ("loader", "device", "workers", "batch_size")}
+                | {"dali_device": best_train.get("dali_device")},
+                # training measured above its own ceiling is noise between runs, not negative headroom
+                "headroom_percent": round(max(0.0, 100.0 * (u / t - 1.0)), 1) if t > 0 else None,
+            }
+        )
+    return out
+
+
+def tuned_fragment(records: list[dict[str, Any]], dataset: str) -> dict[str, Any] | None:
+    """The best measured setting as the config's ``data`` keys (train mode preferred, GPU preferred)."""
+    for mode in ("train", "loader"):
+        for device in ("gpu", "cpu"):
+            best = _best(ok(records, mode=mode, device=device, dataset=dataset))
+            if best is None or best["loader"] == "resident":
+                continue
+            data: dict[str, Any] = {
+                "loader": best["loader"],
+                "workers": best["workers"],
+                "batch_size": best["batch_size"],
+            }
+            if best.get("dali_device"):
+                data["dali_device"] = best["dali_device"]
+            return {
+                "data": data,
+                "device": device,
+                "mode": mode,
+                "model": best.get("model"),
+                "resolution": best.get("resolution"),
+                "images_per_second": best["images_per_second"],
+            }
+    return None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_tuned(path: Path, dataset: str, fragment: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``fragment`` into the tuned file at ``path`` (one entry per data set; top-level ``data`` = latest).
+
+    Format: ``{"format": "divnorm-tuned/1", "data": {...}, "dataset": name, "by_dataset": {name: {"data": {...},
+    ...}}}``; the trainer's ``--loader auto`` reads ``by_dataset[<dataset>]["data"]``, else the top-level ``data``.
+    """
+    current: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            current = json.loads(path.read_text())
+        except ValueError:
+            current = {}
+    entry = {**fragment, **provenance}
+    by_dataset = dict(current.get("by_dataset", {}))
+    by_dataset[dataset] = entry
+    tuned = {"format": "divnorm-tuned/1", "dataset": dataset, "data": fragment["data"], "by_dataset": by_dataset}
+    write_json(path, tuned)
+    return tuned
+
+
+# ------------------------------------------------------------------------------------------------ Markdown
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _setting_row_key(r: dict[str, Any]) -> tuple:
+    return (r["mode"], str(r.get("model")), str(r.get("divnorm")), r["loader"], str(r.get("dali_device")), r["device"])
+
+
+def pivot_tables(records: list[dict[str, Any]]) -> list[str]:
+    """Per mode (and model): rows loader x device x workers, columns batch sizes, cells images/s."""
+    lines: list[str] = []
+    batches = sorted({r["batch_size"] for r in records})
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["mode"], r.get("model"), r.get("divnorm"))].append(r)
+    order = {"loader": 0, "train": 1, "upper_bound": 2}
+    for (mode, model, divnorm), rows in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), str(kv[0]))):
+        title = f"### images/s, mode `{mode}`" + (f", model `{model}`" if model else "")
+        if divnorm and mode != "loader":
+            title += f", divnorm `{divnorm}`"
+        lines += [title, "", "| loader | device | workers | " + " | ".join(f"batch {b}" for b in batches) + " |"]
+        lines.append("|---|---|---:|" + "---:|" * len(batches))
+        cells: dict[tuple, dict[int, str]] = defaultdict(dict)
+        for r in rows:
+            loader = f"{r['loader']}[{r['dali_device']}]" if r.get("dali_device") else r["loader"]
+            if r["status"] == "ok":
+                text = f"{_fmt(r['images_per_second'])} ({_fmt(r.get('images_per_second_min'))}–"
+                text += f"{_fmt(r.get('images_per_second_max'))})"
+            else:
+                text = r["status"]
+            cells[(loader, r["device"], r["workers"])][r["batch_size"]] = text
+        for (loader, device, workers), by_batch in sorted(cells.items(), key=lambda kv: str(kv[0])):
+            row = [loader, device, str(workers)] + [by_batch.get(b, "") for b in batches]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """results.md: command, machine, conversions, images/s tables, verdicts, details, skipped settings."""
+    records = result["results"]
+    machine = result["machine"]
+    gpus = ", ".join(f"{g['name']} (driver {g['driver']})" for g in machine.get("gpus", [])) or "none"
+    libs = ", ".join(f"{k} {v}" for k, v in machine.get("libraries", {}).items() if v)
+    git = machine.get("git", {})
+    lines = [
+        f"# Throughput: {result['dataset']} on {result['machine_name']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"- Date (UTC): {result['finished']}{' — interrupted by Ctrl-C, partial' if result.get('interrupted') else ''}",
+        f"- CPU: {machine['cpu_model']}, {machine['cpu_cores_logical']} logical cores, {machine['ram_gib']} GiB RAM",
+        f"- GPU: {gpus}",
+        f"- Libraries: {libs}",
+        f"- Commit: {git.get('commit')}{' (with local changes)' if git.get('dirty') else ''}",
+        f"- Timed: {result['settings']['seconds']} s per setting in {result['settings']['windows']} windows after "
+        "warm-up; images/s = median over windows (min–max in brackets).",
+        "",
+    ]
+    if result.get("conversions"):
+        lines += [
+            "## Conversions (timed apart from throughput)",
+            "",
+            "| format | status | seconds | out |",
+            "|---|---|---:|---|",
+        ]
+        for c in result["conversions"]:
+            lines.append(f"| {c['format']} | {c['status']} | {_fmt(c.get('seconds'), 1)} | `{c['out']}` |")
+        lines.append("")
+    lines += ["## Images/s per setting", ""] + pivot_tables(records)
+    found = result.get("verdicts", [])
+    if found:
+        lines += ["## Verdict per model", ""]
+        lines.append(
+            "| model | divnorm | device | verdict | best setting | train img/s | loader-only img/s "
+            "| upper bound img/s | headroom |"
+        )
+        lines.append("|---|---|---|---|---|---:|---:|---:|---:|")
+        for v in found:
+            lines.append(
+                f"| {v['model']} | {v['divnorm']} | {v['device']} | **{v['verdict']}** | {v['best_setting']} | "
+                f"{_fmt(v['best_train_images_per_second'])} | {_fmt(v['best_loader_images_per_second'])} | "
+                f"{_fmt(v['upper_bound_images_per_second'])} | {_fmt(v['headroom_percent'], 1)} % |"
+            )
+        lines += [""] + [f"- {v['model']} on {v['device']}: {v['verdict']}; {v['note']}." for v in found if v["note"]]
+        lines.append("")
+    elif any(r["mode"] == "train" for r in records):
+        lines += ["## Verdict per model", "", "No verdict: no training setting and upper bound both measured.", ""]
+    else:
+        lines += [
+            "## Verdict per model",
+            "",
+            "Loader-only run: use `--mode both` for verdicts against the upper bound.",
+            "",
+        ]
+    if result.get("tuned"):
+        lines += [
+            "## Tuned setting",
+            "",
+            f"`{json.dumps(result['tuned']['data'])}` written to `{result['tuned_path']}`",
+            "",
+        ]
+    lines += ["## Details", ""]
+    lines.append(
+        "| mode | model | loader | device | workers | batch | img/s | p25–p75 | CPU % | system CPU % "
+        "| peak RSS MiB | build s | first batch s | warm-up s | GPU util % | GPU mem MiB |"
+    )
+    lines.append("|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in sorted(ok(records), key=_setting_row_key):
+        loader = f"{r['loader']}[{r['dali_device']}]" if r.get("dali_device") else r["loader"]
+        cells = [r["mode"], r.get("model") or "", loader, r["device"], r["workers"], r["batch_size"]]
+        cells += [_fmt(r["images_per_second"])]
+        cells += [f"{_fmt(r.get('images_per_second_p25'))}–{_fmt(r.get('images_per_second_p75'))}"]
+        cells += [_fmt(r.get(k)) for k in ("cpu_percent", "system_cpu_percent", "peak_rss_mib")]
+        cells += [_fmt(r.get(k), 1) for k in ("build_seconds", "first_batch_seconds", "warmup_seconds")]
+        cells += [_fmt(r.get(k)) for k in ("gpu_utilization_percent", "gpu_memory_allocated_mib")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines.append("")
+    not_run = [r for r in records if r["status"] != "ok"]
+    if not_run:
+        lines += [
+            "## Skipped or failed",
+            "",
+            "| mode | model | loader | device | workers | batch | status | reason |",
+            "|---|---|---|---|---:|---:|---|---|",
+        ]
+        for r in sorted(not_run, key=_setting_row_key):
+            reason = str(r.get("reason", "")).replace("|", "\\|").replace("\n", " ")
+            lines.append(
+                f"| {r['mode']} | {r.get('model') or ''} | {r['loader']} | {r['device']} | {r['workers']} | "
+                f"{r['batch_size']} | {r['status']} | {reason} |"
+            )
+        lines.append("")
+    if result.get("plots"):
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in result["plots"]] + [""]
+    return "\n".join(lines)

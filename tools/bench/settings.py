@@ -1,0 +1,121 @@
+"""The benchmark matrix: one :class:`Setting` per measurement, and the result record it turns into.
+
+A record is a plain JSON-ready dict with at least ``loader``, ``device``, ``workers``, ``batch_size``, ``mode``
+(``loader`` | ``train`` | ``upper_bound``), ``model``, ``images_per_second``, ``status`` (``ok`` | ``skipped`` |
+``failed``) and ``reason``, so that other tools can read ``results.json`` without this package.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MODES = ("loader", "train", "upper_bound")
+DEVICES = ("cpu", "gpu")
+# the loader name of the compute-only upper bound: a fixed batch already on the device, no loader at all
+RESIDENT = "resident"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the matrix, everything a runner process needs to measure it."""
+
+    dataset: str
+    loader: str  # torch | dali | ffcv | gpu | resident (upper bound)
+    device: str  # cpu | gpu
+    workers: int
+    batch_size: int
+    mode: str  # loader | train | upper_bound
+    model: str | None = None
+    resolution: int | None = None  # None: the dataset default
+    data_dir: str | None = None
+    dali_device: str | None = None  # only for the dali loader: auto | cpu | gpu
+    seconds: float = 20.0
+    windows: int = 5
+    warmup_batches: int = 10  # loader mode
+    warmup_steps: int = 3  # train / upper_bound modes (a CPU training step can take seconds)
+    warmup_seconds: float = 2.0
+    amp: str = "auto"  # auto (bf16 on CPU, fp16 on GPU) | bf16 | fp16 | off
+    compile: bool = False
+    divnorm: str = "nonorm"
+    options: dict[str, Any] = field(default_factory=dict)  # extra data-section keys (e.g. subset)
+    seed: int = 42
+
+    @property
+    def label(self) -> str:
+        """A short human name: ``dali[cpu] cpu w2 b256``."""
+        loader = f"{self.loader}[{self.dali_device}]" if self.dali_device else self.loader
+        return f"{loader} {self.device} w{self.workers} b{self.batch_size}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Setting:
+        return cls(**data)
+
+
+def make_record(setting: Setting, status: str, reason: str = "", **measured: Any) -> dict[str, Any]:
+    """The result record of ``setting``: its keys first, then the measurements."""
+    record: dict[str, Any] = {
+        "dataset": setting.dataset,
+        "loader": setting.loader,
+        "device": setting.device,
+        "workers": setting.workers,
+        "batch_size": setting.batch_size,
+        "mode": setting.mode,
+        "model": setting.model,
+        "resolution": setting.resolution,
+        "dali_device": setting.dali_device,
+        "amp": setting.amp if setting.mode != "loader" else None,
+        "compile": setting.compile if setting.mode != "loader" else None,
+        "divnorm": setting.divnorm if setting.mode != "loader" else None,
+        "images_per_second": None,
+        "status": status,
+        "reason": reason,
+    }
+    record.update(measured)
+    return record
+
+
+def build_matrix(
+    *,
+    dataset: str,
+    loaders: list[str],
+    devices: list[str],
+    workers: list[int],
+    batch_sizes: list[int],
+    modes: list[str],
+    models: list[str],
+    divnorms: list[str],
+    dali_devices: list[str],
+    common: dict[str, Any],
+) -> list[Setting]:
+    """Every setting in run order: per device and batch size the upper bound first, then each loader.
+
+    ``modes`` holds ``loader`` and/or ``train``; ``train`` brings the ``upper_bound`` of each model with it.
+    The ``gpu`` (tensor-resident) loader has no workers, so it runs once per device and batch size
+    (``workers`` 0) instead of once per worker count; ``dali`` runs once per ``dali_devices`` entry.
+    """
+    variants = [(model, divnorm) for model in models for divnorm in divnorms]
+    settings: list[Setting] = []
+    for device, batch_size in itertools.product(devices, batch_sizes):
+        if "train" in modes:
+            for model, divnorm in variants:
+                settings.append(
+                    Setting(dataset, RESIDENT, device, 0, batch_size, "upper_bound", model, divnorm=divnorm, **common)
+                )
+        for loader in loaders:
+            worker_counts = [0] if loader == "gpu" else workers
+            dali_variants = dali_devices if loader == "dali" else [None]
+            for count, dali_device in itertools.product(worker_counts, dali_variants):
+                base = {"dali_device": dali_device, **common}
+                if "loader" in modes:
+                    settings.append(Setting(dataset, loader, device, count, batch_size, "loader", **base))
+                if "train" in modes:
+                    for model, divnorm in variants:
+                        settings.append(
+                            Setting(dataset, loader, device, count, batch_size, "train", model, divnorm=divnorm, **base)
+                        )
+    return settings
