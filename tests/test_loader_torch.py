@@ -185,13 +185,17 @@ def test_imagenet_eval_matches_torchvision_and_handles_grayscale(imagenet_tree, 
     for i, path in enumerate(paths):
         with Image.open(path) as file:
             mode = file.mode
-            expected = reference(file.convert("RGB")).permute(1, 2, 0)
-        assert torch.equal(pixels[i], expected), path
+            # every grayscale file and every 8th other one against torchvision (decoding all doubles the time)
+            if mode == "L" or i % 8 == 0:
+                expected = reference(file.convert("RGB")).permute(1, 2, 0)
+                assert torch.equal(pixels[i], expected), path
         if mode == "L":
             grayscale += 1
             assert torch.equal(pixels[i, ..., 0], pixels[i, ..., 1]) and torch.equal(
                 pixels[i, ..., 1], pixels[i, ..., 2]
             )
+        else:
+            assert not torch.equal(pixels[i, ..., 0], pixels[i, ..., 1])
     assert grayscale == 3
 
 
