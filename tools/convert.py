@@ -109,7 +109,7 @@ def validate(source: SplitSource, args: argparse.Namespace) -> tuple[list[dict],
     """FFCV-only runs: decode every file once in the pool, so FFCV's writer only ever sees good samples."""
     skipped, max_pixels = [], 0
     with _bar(len(source), f"check {source.split}") as bar:
-        for item in decode_files(source.paths, 0, args.workers, None, args.jpeg_quality, False):
+        for item in decode_files(source.paths, source.labels, 0, args.workers, None, args.jpeg_quality, False):
             bar.update(1)
             if item.reason is None:
                 max_pixels = max(max_pixels, item.width * item.height)

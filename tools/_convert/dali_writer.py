@@ -20,7 +20,6 @@ the whole split is one memory-mappable array, the fastest thing for a DALI ``ext
 from __future__ import annotations
 
 import hashlib
-import tarfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,10 +29,9 @@ from typing import Any
 import numpy as np
 
 from tools._convert import files
-from tools._convert.pool import decode_files
+from tools._convert.pool import KEY_DIGITS, Result, decode_files, stamp_key
 from tools._convert.sources import ConvertError, SplitSource
 
-KEY_DIGITS = 8
 STATE_DIR = ".convert-state"
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tar's record size: archives are padded to a multiple of it, as GNU tar and tarfile do
@@ -70,19 +68,17 @@ class TarShardWriter:
         self.digest.update(data)
         self.size += len(data)
 
-    def add(self, key: str, payload: bytes, label: int) -> None:
-        components = []
-        for ext, data in (("jpg", payload), ("cls", str(int(label)).encode("ascii"))):
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
-                len(data), 0, 0o644, 0, 0, "", ""
-            )  # fmt: skip
-            self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
-            components.append((ext, self.size, len(data), info.name))
-            self._write(data)
-            if len(data) % _BLOCK:
-                self._write(b"\0" * (_BLOCK - len(data) % _BLOCK))
-        self.samples.append(components)
+    def add(self, key: str, item: Result) -> None:
+        """Append a sample whose members a worker built (see :mod:`tools._convert.pool`) under ``key``."""
+        stamp_key(item.members, item.cls_header, key.encode("ascii"))
+        base = self.size
+        self._write(item.members)
+        self.samples.append(
+            [
+                ("jpg", base + _BLOCK, item.jpg_size, f"{key}.jpg"),
+                ("cls", base + item.cls_header + _BLOCK, item.cls_size, f"{key}.cls"),
+            ]
+        )
 
     def close(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Finish the archive, rename it into place, write its index; return (tar record, idx record)."""
@@ -165,7 +161,9 @@ def write_webdataset_split(
     number, key, start = len(kept), result.count, position
     shard: TarShardWriter | None = None
     pending = SplitResult()  # what the open shard holds
-    results = decode_files(source.paths, position, workers, settings["max_res"], settings["jpeg_quality"], True)
+    results = decode_files(
+        source.paths, source.labels, position, workers, settings["max_res"], settings["jpeg_quality"], True
+    )
     try:
         for item in results:
             progress(1)
@@ -178,7 +176,7 @@ def write_webdataset_split(
             if shard is None:
                 shard = TarShardWriter(split_dir / f"{_shard_name(number)}.tar")
             label = source.labels[item.index]
-            shard.add(f"{key:0{KEY_DIGITS}d}", item.payload, label)
+            shard.add(f"{key:0{KEY_DIGITS}d}", item)
             key += 1
             pending.count += 1
             pending.per_class[label] += 1

@@ -176,6 +176,8 @@ def load_sources(
             raise ConvertError(f"--src {src} does not exist or is not a folder")
         sources, classes = [], None
         for name in splits_to_write(dataset, split):
+            if split == "all" and not (src / name).is_dir():
+                raise ConvertError(f"{src} has no {name}/ folder; pass --split train (or val) to convert one split")
             source, classes = imagenet_source(src, name, subset)
             sources.append(source)
         return sources, class_map(dataset, src, classes)
