@@ -441,3 +441,45 @@ def test_speed_benchmark_script_writes_its_report(tmp_path, capsys):
     for needle in ("BatchNorm2d+ReLU", "original conv3d", "DN time / BN+ReLU time", "conv3d time / DN time"):
         assert needle in text
     assert "(2, 64, 4, 4)" in text and text == capsys.readouterr().out.rstrip("\n") + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): same values as the CPU, and fp16/bf16 autocast stays finite and close
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(tiny_layers()))
+def test_cuda_matches_cpu_channels_last(name):
+    layer = tiny_layers()[name]
+    x = torch.randn(2, 16, 5, 4)
+    grad = torch.randn(2, 16, 5, 4)
+    outputs = []
+    for device, fmt in (("cpu", torch.contiguous_format), ("cuda", torch.channels_last)):
+        layer.to(device).zero_grad()
+        xi = x.to(device).contiguous(memory_format=fmt).requires_grad_(True)
+        y = layer(xi)
+        y.backward(grad.to(device).contiguous(memory_format=fmt))
+        outputs.append([t.detach().cpu() for t in (y, xi.grad, *[p.grad for p in layer.parameters()])])
+    for cpu_value, cuda_value in zip(*outputs):
+        torch.testing.assert_close(cuda_value, cpu_value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("type_", [t for t in DIVNORM_TYPES if t != "nonorm"])
+def test_cuda_autocast_low_precision(type_, dtype):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 64, 3, padding=1).cuda()
+    layer = build_divnorm({**CONFIG_SPECS, "type": type_}, 64).cuda()
+    images = torch.randn(4, 3, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    expected = layer(conv(images))
+    with torch.autocast("cuda", dtype=dtype):
+        y = layer(conv(images))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05)
+    y.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in [*conv.parameters(), *layer.parameters()])
+    for value in (0.0, 1e-6, 1e4):
+        x = torch.full((2, 64, 3, 3), value, device="cuda", dtype=dtype)
+        with torch.autocast("cuda", dtype=dtype):
+            assert torch.isfinite(layer(x)).all()
