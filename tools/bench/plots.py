@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,18 @@ def _panel_key(r: dict[str, Any]) -> str:
         return "loader only"
     dn = f", {r['divnorm']}" if r.get("divnorm") and r["divnorm"] != "nonorm" else ""
     return f"{r['mode'].replace('_', ' ')}: {r['model']}{dn}"
+
+
+def _save(fig, path: Path) -> None:
+    """Write the PNG through a temp file + ``os.replace`` (no half-written plot after Ctrl-C)."""
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def plot_by_loader(records: list[dict[str, Any]], path: Path) -> Path:
@@ -85,9 +98,7 @@ def plot_by_loader(records: list[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel("images/s")
         ax.set_title(name)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -144,9 +155,7 @@ def plot_train_vs_loader(records: list[dict[str, Any]], path: Path) -> Path | No
         ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 

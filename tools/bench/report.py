@@ -161,6 +161,27 @@ def _fmt(value: Any, digits: int = 0) -> str:
     return str(value)
 
 
+def format_ips(value: float | None) -> str:
+    """Images/s as printed in the tables: thousands separated, one decimal below 100 (slow CPU training)."""
+    if value is None:
+        return "–"
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def load_line(records: list[dict[str, Any]], cores: int) -> str:
+    """How busy the machine was while timing: this benchmark's processes against the whole machine."""
+    own = [r["cpu_percent"] for r in ok(records) if r.get("cpu_percent") is not None]
+    total = [r["system_cpu_percent"] for r in ok(records) if r.get("system_cpu_percent") is not None]
+    if not own or not total:
+        return ""
+    own_mean, total_mean = sum(own) / len(own), sum(total) / len(total)
+    line = f"- Load while timing (mean over settings): benchmark {own_mean:.0f} %, whole machine {total_mean:.0f} %"
+    line += f" of {100 * cores} % (100 % = one core)"
+    if total_mean - own_mean > 50:
+        line += "; other programs were using the CPU, so absolute numbers are low and noisy: compare within the run"
+    return line
+
+
 def _setting_row_key(r: dict[str, Any]) -> tuple:
     return (r["mode"], str(r.get("model")), str(r.get("divnorm")), r["loader"], str(r.get("dali_device")), r["device"])
 
@@ -183,8 +204,8 @@ def pivot_tables(records: list[dict[str, Any]]) -> list[str]:
         for r in rows:
             loader = f"{r['loader']}[{r['dali_device']}]" if r.get("dali_device") else r["loader"]
             if r["status"] == "ok":
-                text = f"{_fmt(r['images_per_second'])} ({_fmt(r.get('images_per_second_min'))}–"
-                text += f"{_fmt(r.get('images_per_second_max'))})"
+                text = f"{format_ips(r['images_per_second'])} ({format_ips(r.get('images_per_second_min'))}–"
+                text += f"{format_ips(r.get('images_per_second_max'))})"
             else:
                 text = r["status"]
             cells[(loader, r["device"], r["workers"])][r["batch_size"]] = text
@@ -214,8 +235,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Commit: {git.get('commit')}{' (with local changes)' if git.get('dirty') else ''}",
         f"- Timed: {result['settings']['seconds']} s per setting in {result['settings']['windows']} windows after "
         "warm-up; images/s = median over windows (min–max in brackets).",
-        "",
     ]
+    load = load_line(records, machine.get("cpu_cores_logical") or 1)
+    lines += [load, ""] if load else [""]
     if result.get("conversions"):
         lines += [
             "## Conversions (timed apart from throughput)",
@@ -238,8 +260,8 @@ def markdown(result: dict[str, Any]) -> str:
         for v in found:
             lines.append(
                 f"| {v['model']} | {v['divnorm']} | {v['device']} | **{v['verdict']}** | {v['best_setting']} | "
-                f"{_fmt(v['best_train_images_per_second'])} | {_fmt(v['best_loader_images_per_second'])} | "
-                f"{_fmt(v['upper_bound_images_per_second'])} | {_fmt(v['headroom_percent'], 1)} % |"
+                f"{format_ips(v['best_train_images_per_second'])} | {format_ips(v['best_loader_images_per_second'])} | "
+                f"{format_ips(v['upper_bound_images_per_second'])} | {_fmt(v['headroom_percent'], 1)} % |"
             )
         lines += [""] + [f"- {v['model']} on {v['device']}: {v['verdict']}; {v['note']}." for v in found if v["note"]]
         lines.append("")
@@ -268,8 +290,8 @@ def markdown(result: dict[str, Any]) -> str:
     for r in sorted(ok(records), key=_setting_row_key):
         loader = f"{r['loader']}[{r['dali_device']}]" if r.get("dali_device") else r["loader"]
         cells = [r["mode"], r.get("model") or "", loader, r["device"], r["workers"], r["batch_size"]]
-        cells += [_fmt(r["images_per_second"])]
-        cells += [f"{_fmt(r.get('images_per_second_p25'))}–{_fmt(r.get('images_per_second_p75'))}"]
+        cells += [format_ips(r["images_per_second"])]
+        cells += [f"{format_ips(r.get('images_per_second_p25'))}–{format_ips(r.get('images_per_second_p75'))}"]
         cells += [_fmt(r.get(k)) for k in ("cpu_percent", "system_cpu_percent", "peak_rss_mib")]
         cells += [_fmt(r.get(k), 1) for k in ("build_seconds", "first_batch_seconds", "warmup_seconds")]
         cells += [_fmt(r.get(k)) for k in ("gpu_utilization_percent", "gpu_memory_allocated_mib")]

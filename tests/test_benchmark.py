@@ -1,0 +1,184 @@
+"""tools/benchmark.py: a short real run on the synthetic set (every available loader, loader and train modes)
+writes well-formed results.json / results.md / PNG plots and a tuned fragment; unavailable settings are skipped
+with a reason; Ctrl-C keeps what was measured; the verdict logic on hand-computed records."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tools.bench.report import format_ips, tuned_fragment, verdicts
+from tools.bench.settings import Setting, make_record
+
+LOADERS = ("torch", "dali", "ffcv", "gpu")
+REQUIRED_KEYS = ("loader", "device", "workers", "batch_size", "mode", "model", "images_per_second", "status", "reason")
+
+
+def available(loader: str) -> bool:
+    """Whether this checkout and environment can run ``loader`` (module written, library installed)."""
+    module = {"torch": "loaders.torch_loader", "dali": "loaders.dali", "ffcv": "loaders.ffcv", "gpu": "loaders.tensor"}
+    package = {"dali": "nvidia", "ffcv": "ffcv"}.get(loader)
+    if importlib.util.find_spec(module[loader]) is None:
+        return False
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def run_benchmark(*args: str, timeout: float = 280) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "tools" / "benchmark.py"), *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> Path:
+    """One short benchmark of every loader in both modes (in one process: the suite's time budget)."""
+    out = tmp_path_factory.mktemp("bench")
+    done = run_benchmark(
+        "--dataset", "synthetic", "--loaders", ",".join(LOADERS), "--devices", "cpu,gpu", "--workers", "1",
+        "--batch-sizes", "4", "--model", "alexnet", "--mode", "both", "--seconds", "0.6", "--windows", "2",
+        "--warmup-batches", "2", "--warmup-steps", "1", "--warmup-seconds", "0", "--option", "subset=512",
+        "--in-process", "--out", str(out), "--tune", str(out / "tuned.json"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_results_json_has_every_setting_and_the_machine(short_run):
+    result = json.loads((short_run / "results.json").read_text())
+    machine = result["machine"]
+    assert machine["cpu_model"] and machine["cpu_cores_logical"] >= 1 and machine["ram_gib"] > 0
+    assert machine["libraries"]["torch"].startswith("2.") and "git" in machine and "gpus" in machine
+    assert result["command"].startswith("python tools/benchmark.py --dataset synthetic")
+    records = result["results"]
+    for record in records:
+        assert all(key in record for key in REQUIRED_KEYS), record
+        assert record["status"] in ("ok", "skipped"), record
+        assert (record["images_per_second"] is None) == (record["status"] != "ok")
+    # the matrix: per device 1 upper bound + per loader 1 loader-only + 1 train setting
+    assert len(records) == 2 * (1 + 2 * len(LOADERS))
+    cuda = torch.cuda.is_available()
+    for record in records:
+        loader_ok = record["loader"] == "resident" or available(record["loader"])
+        runnable = (record["device"] == "cpu" or cuda) and loader_ok
+        if not runnable:
+            assert record["status"] == "skipped" and record["reason"], record
+            continue
+        assert record["status"] == "ok", record
+        assert record["images_per_second"] > 0 and record["timed_images"] > 0
+        assert record["images_per_second_min"] <= record["images_per_second"] <= record["images_per_second_max"]
+        assert len(record["window_images_per_second"]) == 2
+        assert record["warmup_seconds"] >= record["first_batch_seconds"] > 0 and record["peak_rss_mib"] > 50
+        assert record["cpu_percent"] > 0
+        if record["mode"] == "loader":
+            assert record["checksum_finite"] and record["dataset_size"] == 512
+        else:
+            assert record["loss_finite"] and record["model"] == "alexnet"
+    if not cuda:
+        gpu_records = [r for r in records if r["device"] == "gpu"]
+        assert gpu_records and all(r["status"] == "skipped" and "CUDA" in r["reason"] for r in gpu_records)
+    assert sum(r["status"] == "ok" for r in records if r["mode"] == "loader") == sum(map(available, LOADERS)) * (
+        2 if cuda else 1
+    )
+
+
+@pytest.mark.timeout(300)
+def test_markdown_tables_verdict_and_tuned_fragment(short_run):
+    result = json.loads((short_run / "results.json").read_text())
+    text = (short_run / "results.md").read_text()
+    assert "| loader | device | workers | batch 4 |" in text and "## Verdict per model" in text
+    for record in result["results"]:
+        if record["status"] == "ok":  # every measured median appears in the tables
+            assert format_ips(record["images_per_second"]) in text
+    cpu_verdict = [v for v in result["verdicts"] if v["device"] == "cpu"]
+    assert len(cpu_verdict) == 1 and cpu_verdict[0]["verdict"] in ("loader-bound", "compute-bound")
+    assert f"**{cpu_verdict[0]['verdict']}**" in text
+    trains = [r for r in result["results"] if r["mode"] == "train" and r["status"] == "ok"]
+    best = max(trains, key=lambda r: r["images_per_second"])
+    tuned = json.loads((short_run / "tuned.json").read_text())
+    assert tuned["by_dataset"]["synthetic"]["data"] == tuned["data"]
+    assert tuned["data"]["loader"] == best["loader"] and tuned["data"]["batch_size"] == 4
+    assert tuned["data"]["workers"] == best["workers"]
+
+
+@pytest.mark.timeout(300)
+def test_plots_are_real_images(short_run):
+    import matplotlib.image
+
+    for name in ("throughput_by_loader.png", "train_vs_loader.png"):
+        path = short_run / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        pixels = matplotlib.image.imread(path)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 400
+        rgb = pixels[..., :3].reshape(-1, 3)
+        assert float(rgb.std()) > 0.05  # not a blank canvas
+        assert len({tuple(p) for p in (rgb[:: max(1, len(rgb) // 20000)] * 255).astype(int).tolist()}) > 20
+
+
+@pytest.mark.timeout(200)
+def test_ctrl_c_writes_what_was_measured(tmp_path):
+    """Isolated (one process per setting) run interrupted during its second setting."""
+    command = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--dataset", "synthetic", "--loaders", "gpu",
+               "--devices", "cpu", "--batch-sizes", "32,64", "--mode", "loader", "--seconds", "0.5", "--windows", "2",
+               "--warmup-seconds", "0", "--option", "subset=1024", "--out", str(tmp_path)]  # fmt: skip
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = tmp_path / "results.json"
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and child.poll() is None:
+        if results.is_file() and json.loads(results.read_text())["results"]:
+            break
+        time.sleep(0.2)
+    assert child.poll() is None, "the run finished before it could be interrupted"
+    child.send_signal(signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 130, stderr[-2000:]
+    result = json.loads(results.read_text())
+    assert result["interrupted"] is True and "interrupted" in stderr
+    first, second = result["results"]
+    assert first["status"] == "ok" and first["images_per_second"] > 0 and first["batch_size"] == 32
+    assert second["status"] == "skipped" and "Ctrl-C" in second["reason"]
+    assert "| gpu | cpu | 0 |" in stdout  # the table so far, printed
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "throughput_by_loader.png").is_file()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_bad_input_is_one_clear_message(tmp_path):
+    done = run_benchmark("--dataset", "synthetic", "--loaders", "torch,bogus", "--out", str(tmp_path), timeout=60)
+    assert done.returncode != 0 and "unknown loader(s) bogus; choose from torch, dali, ffcv, gpu" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = run_benchmark("--dataset", "imagenet", "--out", str(tmp_path), timeout=60)
+    assert done.returncode != 0 and "needs --data" in done.stderr and "Traceback" not in done.stderr
+
+
+def _record(loader, mode, ips, batch=64, model="resnet18", workers=2):
+    setting = Setting("synthetic", loader, "gpu", workers, batch, mode, model if mode != "loader" else None)
+    return make_record(setting, "ok", images_per_second=float(ips))
+
+
+def test_verdict_loader_bound_and_compute_bound():
+    loader_bound = [
+        _record("resident", "upper_bound", 1000, workers=0),
+        _record("torch", "loader", 600),
+        _record("dali", "loader", 900),
+        _record("torch", "train", 500),
+        _record("dali", "train", 800),
+    ]
+    (v,) = verdicts(loader_bound)
+    assert v["verdict"] == "loader-bound" and v["best_loader_images_per_second"] == 900
+    assert v["best_setting"] == "dali, gpu, workers 2, batch 64" and v["headroom_percent"] == 25.0
+    compute_bound = [*loader_bound[:3], _record("ffcv", "loader", 3000), _record("ffcv", "train", 990)]
+    (v,) = verdicts(compute_bound)
+    assert v["verdict"] == "compute-bound" and v["best_setting"].startswith("ffcv") and v["headroom_percent"] == 1.0
+    assert tuned_fragment(compute_bound, "synthetic")["data"] == {"loader": "ffcv", "workers": 2, "batch_size": 64}
+    # a skipped setting never wins, and a setting without an upper bound gets no verdict
+    skipped = make_record(Setting("synthetic", "dali", "gpu", 8, 64, "train", "resnet18"), "skipped", "no GPU")
+    assert verdicts([_record("torch", "train", 10), skipped]) == []
