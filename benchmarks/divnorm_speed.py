@@ -126,7 +126,9 @@ def _run(shape, rounds, warmup, channels_last, clock) -> dict[str, list[float]]:
     return times
 
 
-def report(shape, rounds, warmup, results: dict[str, dict[str, list[float]]], command: str) -> str:
+def report(
+    shape, rounds, warmup, results: dict[str, dict[str, list[float]]], command: str, load: tuple[float, float]
+) -> str:
     """Markdown: per layout, median ms per candidate and the two goal ratios (ratio of medians and median of
     per-round ratios)."""
     lines = [
@@ -135,6 +137,7 @@ def report(shape, rounds, warmup, results: dict[str, dict[str, list[float]]], co
         f"- command: `{command}`",
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, Python {platform.python_version()}",
+        f"- load average (1 min) {load[0]:.1f} before, {load[1]:.1f} after: other jobs shared the CPUs",
         f"- tensor {tuple(shape)} fp32, p = 0.5, power 2; {rounds} interleaved rounds after {warmup} warm-up",
         f"- goals: DN <= {GOAL_VS_BATCHNORM}x BatchNorm2d+ReLU; DN >= {GOAL_VS_CONV3D}x faster than conv3d",
         "",
@@ -190,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     shape = tuple(args.shape)
+    load_before = os.getloadavg()[0]
     results = {
         f"{layout}, {mode}": run(shape, args.rounds, args.warmup, layout == "channels-last", mode)
         for mode in MODES
         for layout in ("NCHW", "channels-last")
     }
     command = "python benchmarks/divnorm_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(shape, args.rounds, args.warmup, results, command.strip())
+    load = (load_before, os.getloadavg()[0])
+    text = report(shape, args.rounds, args.warmup, results, command.strip(), load)
     print(text)
     if not args.no_write:
         write_atomic(args.out, text)

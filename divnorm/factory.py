@@ -100,4 +100,15 @@ def build_divnorm(specs: Mapping[str, Any], num_channels: int) -> nn.Module:
     if not isinstance(num_channels, int) or num_channels < 1:
         raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
     kwargs = {key: specs.get(key, default) for key, default in TYPE_DEFAULTS[kind].items()}
+    for key, value in kwargs.items():
+        _check_value_type(key, value, TYPE_DEFAULTS[kind][key])
     return _BUILDERS[kind](num_channels, **kwargs)
+
+
+def _check_value_type(key: str, value: Any, default: Any) -> None:
+    """Switches must be booleans and settings numbers (a JSON string "2" or null would fail deep in torch)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"divnorm_specs.{key} must be true or false, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"divnorm_specs.{key} must be a number, got {value!r}")

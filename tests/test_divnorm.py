@@ -406,11 +406,25 @@ def test_factory_reads_the_type_keys_and_defaults():
         ({"type": "ours", "p": 1.5}, 64, r"p must lie in \[0, 1\]"),
         ({"type": "ours", "power": 0}, 64, "power must be > 0"),
         ({"type": "ken", "lamb": -1.0}, 64, "lamb must be > 0"),
+        ({"type": "ours", "power": "2"}, 64, "power must be a number, got '2'"),
+        ({"type": "ours", "fix_all": 1}, 64, "fix_all must be true or false"),
     ],
 )
 def test_factory_errors_name_the_fix(specs, channels, message):
     with pytest.raises(ValueError, match=message):
         build_divnorm(specs, channels)
+
+
+def test_compiles_as_one_graph():
+    # the trainer may torch.compile the model: the hand-written autograd.Function must not break the graph
+    torch._dynamo.reset()
+    layer = randomize(DivisiveNorm2d(64))
+    x = torch.randn(2, 64, 3, 3, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, layer(x))
+    assert torch.isfinite(x.grad).all() and layer.gamma.grad is not None
 
 
 def test_wrong_input_shape_is_a_clear_error():
