@@ -9,6 +9,7 @@ planted failure).
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import loaders
 from loaders import build_loader
 from loaders.base import LoaderError, LoaderSpec, shard_indices
 from loaders.datasets import array_dataset, dataset_info, imagenet_samples
+from tests.conftest import REPO
 from tests.contract import assert_loader_contract, collect_epoch
 
 ffcv = pytest.importorskip("ffcv", reason="FFCV not installed (bash tools/setup.sh)")
@@ -46,23 +47,11 @@ def synthetic_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def imagenet_ffcv(imagenet_tree, tmp_path_factory) -> Path:
-    """OUT with ``ffcv/train.beton``, ``ffcv/val.beton`` and ``ffcv/manifest.json`` of the real 102-JPEG sample."""
+    """tools/convert.py's FFCV output for the real 102-JPEG sample: OUT/ffcv/{train,val}.beton + manifest.json."""
     out = tmp_path_factory.mktemp("imagenet-converted")
-    folder = out / "ffcv"
-    from ffcv.fields import IntField, RGBImageField
-
-    manifest = {"tool_version": "test", "dataset": "imagenet", "format": "ffcv", "source": str(imagenet_tree)}
-    manifest.update(settings={"max_res": 512, "write_mode": "jpg"}, counts={}, per_class={}, files=[], skipped=[])
-    for split in ("train", "val"):
-        paths, labels, classes = imagenet_samples(imagenet_tree / split)
-        samples = [(np.asarray(Image.open(p).convert("RGB")), label) for p, label in zip(paths, labels)]
-        fields = {"image": RGBImageField(write_mode="jpg", max_resolution=512), "label": IntField()}
-        beton = write_beton(folder / f"{split}.beton", samples, fields, workers=2)
-        manifest["counts"][split] = len(labels)
-        manifest["per_class"][split] = {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
-        manifest["files"].append({"path": beton.name, "bytes": beton.stat().st_size, "sha256": ""})
-        manifest["classes"] = [{"index": i, "wnid": w, "name": w} for i, w in enumerate(classes)]
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    command = [sys.executable, str(REPO / "tools/convert.py"), "imagenet", "--src", str(imagenet_tree), "--out",
+               str(out), "--format", "ffcv", "--workers", "2"]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
     return out
 
 
@@ -128,13 +117,22 @@ def test_eval_contract_order_and_exact_pixels(synthetic_dir):
 
 
 @pytest.mark.timeout(60)
-def test_batches_stay_valid_after_the_loop_moves_on(synthetic_dir):
+def test_batches_stay_valid_and_memory_is_recycled_only_when_free(synthetic_dir):
     spec = spec_for("synthetic", "val", 64, False, synthetic_dir, subset=640, options={"batches_ahead": 1})
     loader = build_loader("ffcv", spec)
-    kept = list(loader)  # no clone: FFCV reuses its buffers after batches_ahead + 2 batches
+    kept = list(loader)  # no clone: FFCV itself reuses its buffers after batches_ahead + 2 batches
     fresh = collect_epoch(loader)[0]
     assert all(torch.equal(a, b) for (a, _), b in zip(kept, fresh))
     assert len({x.data_ptr() for x, _ in kept}) == len(kept)
+    del kept
+    # batches the caller drops are recycled; a batch the caller still references (here through a view) is not
+    pointers, view = set(), None
+    for index, (images, _) in enumerate(loader):
+        pointers.add(images.data_ptr())
+        if index == 0:
+            view, expected = images[1:3], images[1:3].clone()
+    assert len(pointers) < len(loader)
+    assert torch.equal(view, expected) and torch.equal(view, fresh[0][1:3])
 
 
 @pytest.mark.timeout(120)
