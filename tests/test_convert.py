@@ -365,3 +365,17 @@ def test_synthetic_arrays_both_formats(tmp_path):
     rerun = convert("synthetic", "--out", str(tmp_path), "--split", "val", "--subset", "64", "--format", "dali",
                     "--verify")  # fmt: skip
     assert rerun.returncode == 0 and "verify: PASS" in rerun.stdout, rerun.stdout + rerun.stderr
+
+
+def test_empty_class_folder_keeps_indices_and_says_so(tmp_path):
+    from tools._convert.sources import load_sources
+
+    for wnid in ("n001", "n002", "n003"):
+        (tmp_path / "train" / wnid).mkdir(parents=True)
+    for wnid in ("n001", "n003"):
+        Image.new("RGB", (4, 4)).save(tmp_path / "train" / wnid / "a.JPEG")
+    (tmp_path / "LABELS.tsv").write_text("file\twnid\timagenet_index\tname\na.JPEG\tn003\t2\tthird\n")
+    sources, classes = load_sources("imagenet", tmp_path, "train", None, False)
+    assert sources[0].labels == [0, 2] and [c["wnid"] for c in classes] == ["n001", "n002", "n003"]
+    assert classes[2]["name"] == "third" and classes[1]["name"] == "n002"
+    assert any("n002" in note and "no images" in note for note in sources[0].notes)

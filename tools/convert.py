@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConvertError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # disk full, permission denied, ...: one line, not a traceback
+        print(f"error: {error}; fix it and rerun the same command to resume", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (finished shards are kept)", file=sys.stderr)
         return 130

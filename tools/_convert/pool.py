@@ -118,7 +118,11 @@ def _work(chunk: tuple[int, int]) -> tuple[list[Result], str | None]:
 def _scratch_dir(fallback: Path) -> str:
     """A private folder for chunk files: /dev/shm when usable, else ``fallback``; stale ones are removed."""
     shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else fallback
+    usable = shm.is_dir() and os.access(shm, os.W_OK)
+    if usable:  # containers often mount a 64 MB /dev/shm; the chunks in flight need far less than 1 GiB
+        stat = os.statvfs(shm)
+        usable = stat.f_bavail * stat.f_frsize >= 1 << 30
+    base = shm if usable else fallback
     base.mkdir(parents=True, exist_ok=True)
     for stale in base.glob("divnorm-convert-*"):
         pid = stale.name.rsplit("-", 2)[-2]
