@@ -1,0 +1,124 @@
+"""From the config's ``data`` section to loaders: backend choice (incl. ``auto``), specs per split.
+
+``--loader auto`` (or ``data.loader = "auto"``) reads the tuned fragment the benchmark tool writes, by default
+``benchmarks/<machine>/tuned.json`` (``<machine>`` from :func:`machine_name`) or the file ``data.tuned_path``.
+The fragment is a JSON object ``{"loader": "<backend>", "data": {<data keys>}}``, optionally keyed by data set
+(``{"imagenet": {...}, "cifar100": {...}}``); its keys are validated like any config key. Without a fragment
+the choice falls back to ``gpu`` (tensor-resident) for the in-memory sets and ``torch`` for ImageNet, and says
+so in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loaders import build_loader
+from loaders.base import Loader, LoaderSpec
+from loaders.datasets import dataset_info
+from train.config import CONFIG_DIR, ConfigError, defaults, merge
+
+BENCHMARKS_DIR = CONFIG_DIR.parent / "benchmarks"
+
+
+def machine_name() -> str:
+    """Folder name of this machine under ``benchmarks/``: GPU model and count, or ``cpu``, plus CPU cores.
+
+    e.g. ``nvidia-h100-80gb-hbm3-x1-16cpu`` or ``cpu-2cpu``.
+    """
+    cores = os.cpu_count() or 1
+    if torch.cuda.is_available():
+        gpu = f"{torch.cuda.get_device_name(0)}-x{torch.cuda.device_count()}"
+    else:
+        gpu = "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", f"{gpu}-{cores}cpu".lower()).strip("-")
+
+
+def tuned_fragment_path(config: Mapping[str, Any]) -> Path:
+    explicit = config["data"]["tuned_path"]
+    return Path(explicit) if explicit else BENCHMARKS_DIR / machine_name() / "tuned.json"
+
+
+def apply_tuned(config: dict[str, Any], dataset: str, log: Callable[[str], None]) -> None:
+    """Resolve ``data.loader = "auto"`` in place from the tuned fragment, or the fallback."""
+    path = tuned_fragment_path(config)
+    fragment: dict[str, Any] | None = None
+    if path.is_file():
+        try:
+            fragment = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"tuned loader file {path} is not valid JSON: {error}") from None
+        if isinstance(fragment, dict) and dataset in fragment:
+            fragment = fragment[dataset]
+        if not isinstance(fragment, dict) or "loader" not in fragment:
+            log(f"loader auto: {path} has no 'loader' entry for {dataset}; using the fallback")
+            fragment = None
+    if fragment is None:
+        fallback = "gpu" if dataset_info(dataset).in_memory else "torch"
+        if not path.is_file():
+            log(f"loader auto: no tuned settings at {path} (run tools/benchmark.py to write them); using {fallback}")
+        config["data"]["loader"] = fallback
+        return
+    update = {"data": dict(fragment.get("data", {}))}
+    update["data"]["loader"] = fragment["loader"]
+    merge(config, update, defaults(), f"from {path}")
+    if config["data"]["loader"] == "auto":
+        raise ConfigError(f"{path}: 'loader' must name a backend, not 'auto'")
+    log(f"loader auto: {config['data']['loader']} with tuned settings from {path}")
+
+
+def resolve_loader_name(config: dict[str, Any], dataset: str, log: Callable[[str], None]) -> str:
+    """The backend to use: ``data.loader``, ``auto`` resolved, and the original ``data.gpu`` switch honoured."""
+    data = config["data"]
+    if data["loader"] == "auto":
+        apply_tuned(config, dataset, log)
+    elif data["gpu"] and data["loader"] == "torch":
+        # the original's data.gpu = true meant its GPU pipeline: DALI for ImageNet; for the in-memory sets the
+        # tensor-resident loader is the GPU path
+        data["loader"] = "gpu" if dataset_info(dataset).in_memory else "dali"
+        log(f"data.gpu=true: using the {data['loader']} loader")
+    return data["loader"]
+
+
+def loader_spec(
+    config: Mapping[str, Any],
+    dataset: str,
+    split: str,
+    train: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    rank: int = 0,
+    world_size: int = 1,
+    download: bool = False,
+) -> LoaderSpec:
+    """The :class:`LoaderSpec` of one split from the resolved config."""
+    data = config["data"]
+    batch = data["batch_size"] if train else (data["eval_batch_size"] or data["batch_size"])
+    return LoaderSpec(
+        dataset=dataset,
+        split=split,
+        batch_size=int(batch),
+        train=train,
+        data_dir=data["path"],
+        device=device,
+        dtype=dtype,
+        channels_last=bool(config["training"]["channels_last"]),
+        image_size=data["image_size"],
+        workers=int(data["workers"]),
+        seed=int(config["seed"]),
+        rank=rank,
+        world_size=world_size,
+        download=download,
+        options=dict(data),
+    )
+
+
+def build_split_loader(name: str, spec: LoaderSpec) -> Loader:
+    """``loaders.build_loader`` (kept here so the trainer has one place that builds loaders)."""
+    return build_loader(name, spec)

@@ -1,0 +1,165 @@
+"""One training epoch and one evaluation pass: the hot loop, visible in one screen.
+
+No ``.item()`` per step: loss and hit counts accumulate on the device (:class:`train.metrics.MetricSums`), and the
+host syncs only every ``refresh_steps`` steps (progress bar, NaN check) and at the end of the epoch. Time is
+split into *data wait* (blocked in ``next(loader)``) and *compute* (everything else, measured after a final
+device sync), so a slow loader shows up as data wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from loaders.base import Loader
+from train.distributed import DistributedEnv
+from train.metrics import MetricSums
+from train.schedule import LrSchedule
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf; the message names the first bad step."""
+
+
+@dataclass
+class TrainState:
+    """Everything a training step touches."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LrSchedule
+    criterion: nn.Module
+    device: torch.device
+    env: DistributedEnv
+    amp_dtype: torch.dtype | None = None  # None: full precision
+    scaler: torch.amp.GradScaler | None = None  # only for fp16
+    grad_clip: float | None = None
+    refresh_steps: int = 50
+    global_step: int = 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_finite(first_bad: torch.Tensor, state: TrainState, epoch: int) -> None:
+    """Stop on a NaN/inf loss (one host sync; reduced over ranks so every rank stops together)."""
+    bad = first_bad.clone()
+    if state.env.enabled:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    step = int(bad)
+    if step >= 0:
+        raise NonFiniteLossError(
+            f"training loss became NaN/inf at step {step} (epoch {epoch}); stopped. The last good checkpoint "
+            "(last.pt, end of the previous epoch) is kept; lower optimizer.lr, add warmup or gradient clipping"
+        )
+
+
+def train_one_epoch(
+    state: TrainState,
+    loader: Loader,
+    epoch: int,
+    progress: Callable[[int, int, float], None] | None = None,
+    record: list[torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Train one epoch; returns loss/top-1/top-5 over all ranks plus timing and throughput.
+
+    ``progress(step, total, images_per_second)`` is called at each refresh (rank 0 passes a progress bar).
+    ``record``, when given, receives each batch's labels and per-sample pixel sums (a debug trace of which
+    samples this rank saw).
+    """
+    model, device = state.model, state.device
+    model.train()
+    loader.set_epoch(epoch)
+    sums = MetricSums(device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    data_seconds = 0.0
+    steps = 0
+    total = len(loader)
+    synchronize(device)
+    start = time.perf_counter()
+    batches = iter(loader)
+    while True:
+        wait = time.perf_counter()
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            break
+        data_seconds += time.perf_counter() - wait
+        state.schedule.step(state.global_step)
+        with state.autocast():
+            logits = model(images)
+            loss = state.criterion(logits, labels)
+        state.optimizer.zero_grad(set_to_none=True)
+        if state.scaler is not None:
+            state.scaler.scale(loss).backward()
+            if state.grad_clip:
+                state.scaler.unscale_(state.optimizer)  # clip the true gradients, not the scaled ones
+                nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip)
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            loss.backward()
+            if state.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip)
+            state.optimizer.step()
+        sums.update(loss, logits.float(), labels)
+        # remember the first non-finite step on the device; checked at the next sync point
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), state.global_step, first_bad)
+        if record is not None:
+            record.append(torch.stack([labels.double(), images.double().sum(dim=(1, 2, 3))], dim=1).cpu())
+        state.global_step += 1
+        steps += 1
+        if steps % state.refresh_steps == 0:
+            _check_finite(first_bad, state, epoch)  # a sync point: also makes the live images/s honest
+            if progress is not None:
+                elapsed = time.perf_counter() - start
+                progress(steps, total, steps * loader.batch_size / max(elapsed, 1e-9))
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    _check_finite(first_bad, state, epoch)
+    result = sums.result(state.env)
+    images_total = result["samples"]  # all ranks together
+    result.update(
+        seconds=seconds,
+        data_seconds=data_seconds,
+        compute_seconds=max(seconds - data_seconds, 0.0),
+        images_per_second=images_total / max(seconds, 1e-9),
+        steps=steps,
+        lr=state.optimizer.param_groups[0]["lr"],
+    )
+    if progress is not None:
+        progress(steps, total, result["images_per_second"] / state.env.world_size)
+    return result
+
+
+@torch.no_grad()
+def evaluate(state: TrainState, loader: Loader) -> dict[str, Any]:
+    """Loss (plain cross-entropy, no label smoothing), top-1 and top-5 over the whole split, all ranks."""
+    model, device = state.model, state.device
+    model.eval()
+    sums = MetricSums(device)
+    synchronize(device)
+    start = time.perf_counter()
+    for images, labels in loader:
+        with state.autocast():
+            logits = model(images)
+        logits = logits.float()
+        loss = nn.functional.cross_entropy(logits, labels)
+        sums.update(loss, logits, labels)
+    synchronize(device)
+    result = sums.result(state.env)
+    result["seconds"] = time.perf_counter() - start
+    return result
