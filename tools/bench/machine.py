@@ -110,13 +110,15 @@ def describe_machine() -> dict[str, Any]:
 
 
 def machine_slug() -> str:
-    """A folder name for ``benchmarks/<machine>/``: ``cpu-2core`` or ``h100-1gpu`` style."""
-    import torch
+    """The folder name of this machine under ``benchmarks/``: the trainer's own name for it, so that
+    ``python -m train ... --loader auto`` finds ``benchmarks/<machine>/tuned.json`` (e.g. ``cpu-2cpu``,
+    ``nvidia-h100-80gb-hbm3-x1-16cpu``)."""
+    try:
+        from train.data import machine_name
+    except ImportError:  # the trainer is not in this checkout: the same rule, written out
+        import torch
 
-    cores = os.cpu_count() or 0
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0).lower()
-        model = re.findall(r"(h200|h100|a100|a10g?|l40s?|l4|v100|t4|rtx ?\d+)", name)
-        label = model[0].replace(" ", "") if model else "gpu"
-        return f"{label}-{torch.cuda.device_count()}gpu"
-    return f"cpu-{cores}core"
+        cores = os.cpu_count() or 1
+        gpu = f"{torch.cuda.get_device_name(0)}-x{torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+        return re.sub(r"[^a-z0-9]+", "-", f"{gpu}-{cores}cpu".lower()).strip("-")
+    return machine_name()

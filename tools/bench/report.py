@@ -90,11 +90,14 @@ def verdicts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def tuned_fragment(records: list[dict[str, Any]], dataset: str) -> dict[str, Any] | None:
-    """The best measured setting as the config's ``data`` keys (train mode preferred, GPU preferred)."""
+    """The best measured setting as the trainer reads it: ``{"loader": ..., "data": {<data keys>}, "benchmark":
+    {<where it came from>}}`` (train mode preferred over loader-only, a GPU over the CPU)."""
     for mode in ("train", "loader"):
         for device in ("gpu", "cpu"):
-            best = _best(ok(records, mode=mode, device=device, dataset=dataset))
-            if best is None or best["loader"] == "resident":
+            best = _best(
+                [r for r in ok(records, mode=mode, device=device, dataset=dataset) if r["loader"] != "resident"]
+            )
+            if best is None:
                 continue
             data: dict[str, Any] = {
                 "loader": best["loader"],
@@ -103,14 +106,14 @@ def tuned_fragment(records: list[dict[str, Any]], dataset: str) -> dict[str, Any
             }
             if best.get("dali_device"):
                 data["dali_device"] = best["dali_device"]
-            return {
-                "data": data,
+            benchmark = {
                 "device": device,
                 "mode": mode,
                 "model": best.get("model"),
                 "resolution": best.get("resolution"),
                 "images_per_second": best["images_per_second"],
             }
+            return {"loader": best["loader"], "data": data, "benchmark": benchmark}
     return None
 
 
@@ -131,10 +134,10 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_tuned(path: Path, dataset: str, fragment: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``fragment`` into the tuned file at ``path`` (one entry per data set; top-level ``data`` = latest).
+    """Merge ``fragment`` into the tuned file at ``path`` under the key ``dataset`` (other data sets are kept).
 
-    Format: ``{"format": "divnorm-tuned/1", "data": {...}, "dataset": name, "by_dataset": {name: {"data": {...},
-    ...}}}``; the trainer's ``--loader auto`` reads ``by_dataset[<dataset>]["data"]``, else the top-level ``data``.
+    The file is what ``python -m train ... --loader auto`` reads (``train/data.py``): ``{"<dataset>": {"loader":
+    "<backend>", "data": {<data keys>}, "benchmark": {<provenance>}}, ...}``.
     """
     current: dict[str, Any] = {}
     if path.is_file():
@@ -142,10 +145,10 @@ def write_tuned(path: Path, dataset: str, fragment: dict[str, Any], provenance: 
             current = json.loads(path.read_text())
         except ValueError:
             current = {}
-    entry = {**fragment, **provenance}
-    by_dataset = dict(current.get("by_dataset", {}))
-    by_dataset[dataset] = entry
-    tuned = {"format": "divnorm-tuned/1", "dataset": dataset, "data": fragment["data"], "by_dataset": by_dataset}
+    if not isinstance(current, dict):
+        current = {}
+    entry = {**fragment, "benchmark": {**fragment.get("benchmark", {}), **provenance}}
+    tuned = {**current, dataset: entry}
     write_json(path, tuned)
     return tuned
 
