@@ -34,6 +34,7 @@ keeps the first N samples of the split.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
@@ -106,12 +107,17 @@ def _pair(spec: LoaderSpec, key: str, default: tuple[float, float]) -> tuple[flo
 
 
 class _EpochFeeder:
-    """The external source's callback: returns the planned batches of the current epoch, then StopIteration."""
+    """The external source's callback: returns the planned batches of the current epoch, then StopIteration.
 
-    def __init__(self, source: SampleSource) -> None:
+    The pipeline takes the returned arrays without copying them (``no_copy``), so the last few batches are kept
+    referenced here until DALI is done with them (it is after ``prefetch`` further iterations).
+    """
+
+    def __init__(self, source: SampleSource, keep: int) -> None:
         self.source = source
         self.plan: list[np.ndarray] = []
         self.cursor = 0
+        self._alive: deque = deque(maxlen=keep)
 
     def start(self, plan: list[np.ndarray]) -> None:
         self.plan, self.cursor = plan, 0
@@ -125,7 +131,9 @@ class _EpochFeeder:
         indices = self.plan[self.cursor]
         self.cursor += 1
         try:
-            return self.source.read(indices)
+            batch = self.source.read(indices)
+            self._alive.append(batch)
+            return batch
         except OSError as error:
             raise LoaderError(f"cannot read a sample of {self.source.describe()}: {error}") from None
 
@@ -184,7 +192,7 @@ class DaliLoader(Loader):
             spec.rank,
             spec.world_size,
         )
-        self._feeder = _EpochFeeder(self.source)
+        self._feeder = _EpochFeeder(self.source, keep=self.config.prefetch + 3)
         self._pipe = None
         self._needs_reset = False
         self._active: Iterator | None = None

@@ -42,7 +42,7 @@ CIFAR_PADDING = 4
 class PipelineConfig:
     """Everything the graph depends on (no paths: samples arrive through ``source``)."""
 
-    kind: str  # "jpeg" | "array"
+    kind: str  # "path" (file names) | "jpeg" (encoded bytes) | "array" (uint8 HWC)
     train: bool
     batch_size: int
     num_threads: int
@@ -204,9 +204,13 @@ def build_pipeline(config: PipelineConfig, source: Callable[[], tuple]) -> Pipel
             num_outputs=2,
             batch=True,
             dtype=[types.UINT8, types.INT64],
-            layout=["" if config.kind == "jpeg" else "HWC", ""],
+            layout=["HWC" if config.kind == "array" else "", ""],
+            # the source's arrays are used in place; the loader's feeder keeps them alive until consumed
+            no_copy=True,
         )
-        images = _jpeg_graph(data, config) if config.kind == "jpeg" else _array_graph(data, config)
+        if config.kind == "path":
+            data = fn.io.file.read(data)  # NUL-terminated file names -> file bytes, on DALI's threads
+        images = _array_graph(data, config) if config.kind == "array" else _jpeg_graph(data, config)
         if config.device == "gpu":
             labels = labels.gpu()
         pipe.set_outputs(images, labels)

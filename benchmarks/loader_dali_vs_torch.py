@@ -1,0 +1,203 @@
+"""Loader-only speed: the ``dali`` backend against the ``torch`` backend on real ImageNet JPEGs, train augmentation.
+
+The 102 real sample JPEGs (``../shared/data/imagenet-sample``) are repeated (hard links) into an ImageFolder tree of
+a few thousand files under a temporary folder; every loader reads the same tree with ImageNet training
+augmentation at 224 px (RandomResizedCrop + flip, normalized, channels-last float32 on the CPU). Compared:
+
+* ``dali``: the DALI backend (``loaders/dali.py``), CPU pipeline, ``dali_threads`` threads;
+* ``dali-bare``: a bare DALI pipeline (``readers.file`` -> ``decoders.image_random_crop`` -> ``resize`` ->
+  ``crop_mirror_normalize`` -> ``DALIGenericIterator``), the upper bound the wrapper must not lose;
+* ``torch``: the torch backend (PIL decode + torchvision transforms in DataLoader workers).
+
+Each loader is timed over whole epochs after a warm-up epoch; rounds interleave the loaders so that load from
+other processes hits all alike, and the median round counts. Images/s (wall clock) and images per CPU-second of
+this process and its children are reported; ratios are within this one run.
+
+    .venv/bin/python benchmarks/loader_dali_vs_torch.py --copies 20 --rounds 3 --out benchmarks/cpu-2core/dali.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loaders import LoaderSpec, build_loader  # noqa: E402
+from loaders.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
+
+def sample_dir() -> Path:
+    for candidate in (
+        os.environ.get("IMAGENET_SAMPLE"),
+        Path(__file__).resolve().parents[2] / "shared/data/imagenet-sample",
+    ):
+        if candidate and (Path(candidate) / "LABELS.tsv").is_file():
+            return Path(candidate)
+    raise SystemExit("the ImageNet sample is missing: set IMAGENET_SAMPLE to its folder")
+
+
+def build_tree(root: Path, copies: int) -> int:
+    """root/train/<wnid>/<copy>_<file>: every sample JPEG ``copies`` times (hard links, else copies)."""
+    source = sample_dir()
+    rows = [line.split("\t") for line in (source / "LABELS.tsv").read_text().splitlines()[1:] if line.strip()]
+    count = 0
+    for file, wnid, *_ in rows:
+        folder = root / "train" / wnid
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(copies):
+            target = folder / f"{k:03d}_{file}"
+            try:
+                os.link(source / file, target)
+            except OSError:
+                target.write_bytes((source / file).read_bytes())
+            count += 1
+    return count
+
+
+def cpu_seconds() -> float:
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+class BareDali:
+    """The bare DALI pipeline: what a hand-written script gets, no contract (DALI's own shuffle and sharding)."""
+
+    def __init__(self, root: Path, batch_size: int, threads: int, size: int = 224, prefetch: int = 2) -> None:
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        pipe = Pipeline(
+            batch_size=batch_size, num_threads=threads, device_id=None, seed=1, prefetch_queue_depth=prefetch
+        )
+        with pipe:
+            jpegs, labels = fn.readers.file(file_root=str(root / "train"), random_shuffle=True, name="reader")
+            images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
+            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+            images = fn.crop_mirror_normalize(
+                images,
+                dtype=types.FLOAT,
+                output_layout="HWC",
+                mean=[255 * m for m in IMAGENET_MEAN],
+                std=[255 * s for s in IMAGENET_STD],
+                mirror=fn.random.coin_flip(),
+            )
+            pipe.set_outputs(images, labels)
+        self.iterator = DALIGenericIterator(
+            pipe, ["x", "y"], reader_name="reader", last_batch_policy=LastBatchPolicy.DROP, auto_reset=True
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        for batch in self.iterator:
+            yield batch[0]["x"].permute(0, 3, 1, 2), batch[0]["y"].view(-1).long()
+
+
+def time_epoch(loader, epoch: int) -> tuple[float, float, int]:
+    loader.set_epoch(epoch)
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    count = 0
+    for images, _ in loader:
+        count += images.shape[0]
+    wall = time.perf_counter() - start
+    return count / wall, count / max(cpu_seconds() - cpu_start, 1e-9), count
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--copies", type=int, default=30, help="copies of each of the 102 sample JPEGs")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="torch workers = DALI threads")
+    parser.add_argument("--rounds", type=int, default=3, help="timed epochs per loader (median reported)")
+    parser.add_argument("--prefetch", type=int, default=2, help="data.prefetch: DALI queue depth, DataLoader factor")
+    parser.add_argument("--loaders", default="dali,dali-bare,torch")
+    parser.add_argument("--out", type=Path, help="write the results as JSON (and a Markdown table beside it)")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="dali-bench-") as tmp:
+        root = Path(tmp)
+        files = build_tree(root, args.copies)
+        loaders = {}
+        for name in args.loaders.split(","):
+            if name == "dali-bare":
+                loaders[name] = BareDali(root, args.batch_size, args.workers, prefetch=args.prefetch)
+                continue
+            options = {"dali_threads": args.workers, "dali_device": "cpu", "prefetch": args.prefetch}
+            spec = LoaderSpec("imagenet", "train", args.batch_size, True, data_dir=str(root), workers=args.workers,
+                              options=options)  # fmt: skip
+            loaders[name] = build_loader(name, spec)
+        for loader in loaders.values():  # warm-up: worker start, page cache, allocator
+            time_epoch(loader, 0)
+        results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in loaders}
+        for round_number in range(args.rounds):
+            for name, loader in loaders.items():
+                results[name].append(time_epoch(loader, 1 + round_number))
+                print(f"round {round_number}: {name:10s} {results[name][-1][0]:8.1f} images/s", flush=True)
+
+    summary = {
+        name: {
+            "images_per_s": statistics.median(r[0] for r in runs),
+            "images_per_cpu_s": statistics.median(r[1] for r in runs),
+            "images_per_epoch": runs[0][2],
+            "rounds": [round(r[0], 1) for r in runs],
+        }
+        for name, runs in results.items()
+    }
+    baseline = summary.get("torch", {}).get("images_per_s")
+    for entry in summary.values():
+        entry["vs_torch"] = round(entry["images_per_s"] / baseline, 3) if baseline else None
+    report = {
+        "benchmark": "loader-only, ImageNet train augmentation at 224 px, float32 channels-last on the CPU",
+        "command": "python benchmarks/loader_dali_vs_torch.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "torch": torch.__version__,
+        },  # fmt: skip
+        "files": files,
+        "batch_size": args.batch_size,
+        "workers_or_threads": args.workers,
+        "prefetch": args.prefetch,
+        "results": summary,
+    }
+    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = args.out.with_suffix(".json.tmp")
+        tmp_path.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp_path, args.out)
+        lines = ["| loader | images/s | images per CPU-s | vs torch |", "|---|---:|---:|---:|"]
+        for name, entry in summary.items():
+            lines.append(f"| {name} | {entry['images_per_s']:.1f} | {entry['images_per_cpu_s']:.1f} | "
+                         f"{entry['vs_torch']:.2f}x |")  # fmt: skip
+        markdown = args.out.with_suffix(".md")
+        tmp_md = markdown.with_suffix(".md.tmp")
+        tmp_md.write_text(f"{report['benchmark']}\n\n`{report['command']}`\n\n" + "\n".join(lines) + "\n")
+        os.replace(tmp_md, markdown)
+    return report
+
+
+if __name__ == "__main__":
+    main()
