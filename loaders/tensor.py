@@ -27,7 +27,7 @@ import torch
 from loaders.arrays import check_fits, converted_split_dir, load_split_arrays
 from loaders.base import Loader, LoaderError, LoaderSpec, shard_indices
 from loaders.datasets import dataset_info
-from loaders.transforms import PAD, Normalizer, check_augment
+from loaders.transforms import PAD, Normalizer, batch_threads, check_augment
 
 _COPY_CHUNK = 8192  # samples per host-to-device copy while building the resident tensor
 
@@ -151,11 +151,13 @@ class TensorLoader(Loader):
         order = shard_indices(self.dataset_size, spec, self.epoch)[: self.num_samples].to(device, non_blocking=True)
         generator = self._generator()
         for start in range(0, self.num_samples, spec.batch_size):
-            indices = order[start : start + spec.batch_size]
-            offsets, flips = draw_crop_flip(len(indices), generator, augment=self.augment, device=device)
-            images = self.store.gather(indices, offsets, flips)
+            with batch_threads(device):
+                indices = order[start : start + spec.batch_size]
+                offsets, flips = draw_crop_flip(len(indices), generator, augment=self.augment, device=device)
+                images = self.normalizer(self.store.gather(indices, offsets, flips))
+                labels = self.labels.index_select(0, indices)
             self.last_augmentation = (indices, offsets, flips)
-            yield self.normalizer(images), self.labels.index_select(0, indices)
+            yield images, labels
 
     def close(self) -> None:
         """Free the resident data set."""

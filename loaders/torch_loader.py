@@ -28,6 +28,7 @@ from loaders.transforms import (
     ImageNetEvalTransform,
     ImageNetTrainTransform,
     Normalizer,
+    batch_threads,
     sample_rng,
     to_rgb,
 )
@@ -148,7 +149,8 @@ class TorchLoader(Loader):
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.spec.device, non_blocking=True)
         labels = labels.to(self.spec.device, non_blocking=True)
-        return self.normalizer(images), labels
+        with batch_threads(self.spec.device):
+            return self.normalizer(images), labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(self.epoch)
