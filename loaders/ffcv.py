@@ -316,9 +316,11 @@ class FfcvLoader(Loader):
         memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
         if self.normalize_in_torch:  # uint8 on the GPU: math in float32, then the AMP dtype (new tensors)
             images = ((images.float() - self._mean) / self._std).to(dtype=spec.dtype, memory_format=memory_format)
-        else:
+        elif images.device.type == "cpu":
             output = self._outputs.take(images.shape, spec.dtype, memory_format)
             images = output.copy_(images)  # dtype cast (float32 -> bfloat16) and layout in the same pass
+        else:  # normalized by FFCV on the GPU; CUDA's caching allocator makes a fresh tensor cheap there
+            images = images.to(dtype=spec.dtype, memory_format=memory_format, copy=True)
         labels = labels.reshape(-1).to(dtype=torch.int64, copy=True)
         return images, labels
 
