@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -213,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1 or (args.subset is not None and args.subset < 1) or not 1 <= args.jpeg_quality <= 100:
         raise ConvertError("--workers and --subset must be >= 1 and --jpeg-quality within 1..100")
     started = time.monotonic()
+    cpu_start = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     sources, classes = load_sources(args.dataset, args.src, args.split, args.subset, args.download)
     for source in sources:
         for note in source.notes:
@@ -239,7 +242,14 @@ def run(args: argparse.Namespace) -> int:
         for fmt in formats
         for s, r in zip(sources, per_format[fmt])
     ]
-    print(f"time per step: {'; '.join(phases)}", flush=True)
+    own, children = (
+        sum(getattr(now, f) - getattr(then, f) for f in ("ru_utime", "ru_stime"))
+        for now, then in zip(
+            [resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)], cpu_start
+        )
+    )
+    cpu = f"cpu: main process {own:.1f} s, worker processes {children:.1f} s"
+    print(f"time per step: {'; '.join(phases)}; {cpu}", flush=True)
     print(
         f"converted {args.dataset} -> {args.out} ({'+'.join(formats)}): {counts} | skipped {skipped} | "
         f"{seconds:.1f} s | {total / seconds:.1f} images/s | {megabytes / seconds:.1f} MB/s",
@@ -251,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 1 verify failed, 2 error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the pool, the scratch files and FFCV's process group are cleaned up
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return run(args)
     except ConvertError as error:
