@@ -172,6 +172,17 @@ def test_missing_cifar100_and_missing_converted_split(tmp_path):
         build_loader("gpu", LoaderSpec("cifar100", "test", batch_size=8, train=False, data_dir=str(tmp_path)))
 
 
+def test_cpu_batches_leave_the_thread_setting_alone(synthetic_dir):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loader = build_loader("gpu", spec_for(synthetic_dir, options={"subset": 128}))
+        for _ in loader:
+            assert torch.get_num_threads() == 2, "the loader must restore the thread count before yielding"
+    finally:
+        torch.set_num_threads(previous)
+
+
 # ------------------------------------------------------------------------------------------------------------ GPU
 
 
