@@ -1,9 +1,9 @@
 """Helpers of ``tools/convert.py``: image decoding, source listing, DALI / FFCV writers, manifest, read-back check.
 
-One module per job: :mod:`.images` (decode and re-encode one file), :mod:`.sources` (what to convert, class
-maps, fingerprints), :mod:`.files` (atomic writes, checksums), :mod:`.dali_writer` (webdataset tar shards and
-uint8 arrays), :mod:`.ffcv_writer` (the FFCV writer in a watched child process), :mod:`.verify` (read back
-with the real DALI / FFCV readers).
+One module per job: :mod:`.images` (decode and re-encode one file), :mod:`.pool` (the decode worker processes),
+:mod:`.sources` (what to convert, class maps, fingerprints), :mod:`.files` (atomic writes, checksums),
+:mod:`.dali_writer` (webdataset tar shards and uint8 arrays), :mod:`.ffcv_writer` / :mod:`.ffcv_child` (FFCV's
+writer and reader in a watched child process), :mod:`.verify` (read back with the real DALI / FFCV readers).
 """
 
 TOOL_VERSION = "1.0"
