@@ -203,3 +203,23 @@ def test_verdict_loader_bound_and_compute_bound():
     # a skipped setting never wins, and a setting without an upper bound gets no verdict
     skipped = make_record(Setting("synthetic", "dali", "gpu", 8, 64, "train", "resnet18"), "skipped", "no GPU")
     assert verdicts([_record("torch", "train", 10), skipped]) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_gpu_settings_use_cuda_events_and_report_memory(tmp_path):
+    done = run_benchmark(
+        "--dataset", "synthetic", "--loaders", "gpu,torch", "--devices", "gpu", "--workers", "2",
+        "--batch-sizes", "64", "--model", "resnet18", "--mode", "both", "--seconds", "1", "--windows", "2",
+        "--option", "subset=2048", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert len(records) == 1 + 2 * 2 and all(r["status"] == "ok" for r in records), records
+    for record in records:
+        assert record["timing"] == "cuda_events" and record["gpu_memory_allocated_mib"] > 0
+        assert record["images_per_second"] > 0
+        if record["mode"] != "loader":
+            assert record["amp_dtype"] in ("bfloat16", "float16")
+    (verdict,) = json.loads((tmp_path / "results.json").read_text())["verdicts"]
+    assert verdict["device"] == "gpu" and verdict["verdict"] in ("loader-bound", "compute-bound")
