@@ -227,3 +227,23 @@ def test_cli_missing_imagenet_names_the_layout(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "ImageFolder" in err and str(tmp_path) in err and "\n" not in err
+
+
+def test_loader_auto_reads_the_tuned_file_or_falls_back(tmp_path):
+    from train.data import resolve_loader_name
+
+    tuned = tmp_path / "tuned.json"
+    data = {"loader": "dali", "workers": 6, "batch_size": 512, "dali_device": "cpu"}
+    tuned.write_text(json.dumps({"cifar100": {"loader": "dali", "data": data, "benchmark": {"images_per_second": 1}}}))
+    messages: list[str] = []
+    config = load_config("cifar100", "alexnet", ["data.loader=auto", f"data.tuned_path={tuned}"])
+    assert resolve_loader_name(config, "cifar100", messages.append) == "dali"
+    assert config["data"]["workers"] == 6 and config["data"]["dali_device"] == "cpu"
+    assert config["data"]["batch_size"] == 128, "the tuned batch size must not change the training config"
+    config = load_config("imagenet", "alexnet", ["data.loader=auto", f"data.tuned_path={tmp_path / 'none.json'}"])
+    assert resolve_loader_name(config, "imagenet", messages.append) == "torch"
+    assert "no tuned settings" in messages[-1]
+    config = load_config("synthetic", "alexnet", ["data.loader=auto", f"data.tuned_path={tuned}"])
+    assert resolve_loader_name(config, "synthetic", messages.append) == "gpu"  # no synthetic entry: fallback
+    config = load_config("imagenet", "alexnet", ["data.gpu=true"])
+    assert resolve_loader_name(config, "imagenet", messages.append) == "dali"  # the original's GPU switch

@@ -172,5 +172,5 @@ def test_nan_loss_stops_naming_the_step():
     state = make_state(net, lr=0.05)
     with torch.no_grad():
         net[7].weight.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 0 \(epoch 3\)"):
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 0 \(epoch 4\)"):
         train_one_epoch(state, tensor_loader("train", True, 128), 3)

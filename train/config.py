@@ -133,6 +133,8 @@ def _type_name(types: Iterable[type]) -> str:
 def check_value(key: str, value: Any, default: Any, source: str = "override") -> Any:
     """``value`` converted to the type of ``default`` for ``key``; :class:`ConfigError` naming the type if not."""
     value = VALUE_ALIASES.get(key, {}).get(value, value) if isinstance(value, str) else value
+    if value is None and "none" in CHOICES.get(key, ()):
+        value = "none"  # a bare none on the command line parses as null; here it is the choice "none"
     if value is None:
         if default is None or key in NULLABLE_TYPES:
             return None

@@ -3,7 +3,9 @@
 ``--loader auto`` (or ``data.loader = "auto"``) reads the tuned fragment the benchmark tool writes, by default
 ``benchmarks/<machine>/tuned.json`` (``<machine>`` from :func:`machine_name`) or the file ``data.tuned_path``.
 The fragment is a JSON object ``{"loader": "<backend>", "data": {<data keys>}}``, optionally keyed by data set
-(``{"imagenet": {...}, "cifar100": {...}}``); its keys are validated like any config key. Without a fragment
+(``{"imagenet": {...}, "cifar100": {...}}``, as ``tools/benchmark.py --tune`` writes it); its keys are validated like
+any config key, and only loader settings are taken (``batch_size`` stays the config's: it is a training
+hyperparameter). Without a fragment
 the choice falls back to ``gpu`` (tensor-resident) for the in-memory sets and ``torch`` for ImageNet, and says
 so in the log.
 """
@@ -25,6 +27,7 @@ from loaders.datasets import dataset_info
 from train.config import CONFIG_DIR, ConfigError, defaults, merge
 
 BENCHMARKS_DIR = CONFIG_DIR.parent / "benchmarks"
+TRAINING_KEYS = ("batch_size", "eval_batch_size", "subset")
 
 
 def machine_name() -> str:
@@ -67,6 +70,10 @@ def apply_tuned(config: dict[str, Any], dataset: str, log: Callable[[str], None]
         return
     update = {"data": dict(fragment.get("data", {}))}
     update["data"]["loader"] = fragment["loader"]
+    # the batch size is a training hyperparameter (it sets the learning rate's scale): the config keeps it
+    kept = [key for key in TRAINING_KEYS if update["data"].pop(key, None) is not None]
+    if kept:
+        log(f"loader auto: keeping the config's {', '.join(kept)} (the tuned file's value is for throughput only)")
     merge(config, update, defaults(), f"from {path}")
     if config["data"]["loader"] == "auto":
         raise ConfigError(f"{path}: 'loader' must name a backend, not 'auto'")

@@ -62,7 +62,7 @@ def _check_finite(first_bad: torch.Tensor, state: TrainState, epoch: int) -> Non
     step = int(bad)
     if step >= 0:
         raise NonFiniteLossError(
-            f"training loss became NaN/inf at step {step} (epoch {epoch}); stopped. The last good checkpoint "
+            f"training loss became NaN/inf at step {step} (epoch {epoch + 1}); stopped. The last good checkpoint "
             "(last.pt, end of the previous epoch) is kept; lower optimizer.lr, add warmup or gradient clipping"
         )
 

@@ -1,0 +1,150 @@
+"""Whole runs of ``python -m train`` on a small synthetic subset: run folder, resume, NaN stop, early stop, DDP.
+
+The network is the real DN AlexNet at 16 px (the cheapest of the four) on the tensor-resident loader; each
+run reads 64 training samples (2 steps of 32) and evaluates on 64 validation and 64 test samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loaders.base import LoaderSpec, shard_indices
+from loaders.datasets import synthetic_arrays
+from train.__main__ import main
+from train.checkpoint import load
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [
+    "data.subset=64",
+    "data.batch_size=32",
+    "data.eval_batch_size=64",
+    "data.image_size=16",
+    "model.divnorm_specs.type=ours",
+    "lr_scheduler.name=none",
+    "optimizer.lr=0.02",
+    "logging.refresh_steps=2",
+]
+
+
+def train(tmp_path, exp: str, *extra: str, epochs: int = 2, loader: str = "gpu") -> int:
+    argv = ["synthetic", "alexnet", exp, *SMALL, f"logging.runs_dir={tmp_path}", "--epochs", str(epochs)]
+    return main([*argv, "--loader", loader, "--device", "cpu", *extra])
+
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """Two epochs in one go (shared by the run-folder and resume tests)."""
+    root = tmp_path_factory.mktemp("runs")
+    assert train(root, "straight") == 0
+    return root / "straight"
+
+
+def test_run_folder_contents(straight_run):
+    folder = straight_run
+    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "conv1.pt", "summary.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")], "temp files left behind"
+    summary = json.loads((folder / "summary.json").read_text())
+    for split in ("val", "test"):
+        assert set(summary[split]) == {"top1", "top5", "loss"}
+        assert 0 <= summary[split]["top1"] <= summary[split]["top5"] <= 100
+    assert summary["images_per_second"] > 0 and summary["wall_seconds"] > 0
+    assert summary["epochs"] == 2 and summary["dataset"] == "synthetic" and summary["loader"] == "gpu"
+    assert summary["best_epoch"] in (1, 2) and summary["stopped"] == "completed"
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    for line in lines:
+        assert line["train"]["samples"] == 64 and line["val"]["samples"] == 64
+        assert line["train"]["data_seconds"] + line["train"]["compute_seconds"] == pytest.approx(
+            line["train"]["seconds"], rel=1e-4
+        )
+    config = json.loads((folder / "config.json").read_text())
+    assert config["data"]["subset"] == 64 and config["run"]["model"] == "alexnet"
+    conv1 = torch.load(folder / "conv1.pt")
+    assert set(conv1) == {"initial", "best", "final"} and conv1["initial"].shape == (64, 3, 3, 3)
+    assert not torch.equal(conv1["initial"], conv1["final"])
+    last = load(folder / "last.pt")
+    assert last["book"]["epoch"] == 2 and last["global_step"] == 4
+    first = next(v for v in last["model"].values() if v.ndim == 4)  # conv1 comes first in module order
+    assert torch.equal(first.float(), conv1["final"])
+
+
+def test_resume_gives_identical_weights(straight_run, tmp_path):
+    assert train(tmp_path, "split", epochs=1) == 0
+    assert load(tmp_path / "split" / "last.pt")["book"]["epoch"] == 1
+    assert train(tmp_path, "split", "--resume", epochs=2) == 0
+    a = load(straight_run / "last.pt")
+    b = load(tmp_path / "split" / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    lines = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+
+
+def test_existing_folder_needs_resume_or_overwrite(straight_run, capsys):
+    assert train(straight_run.parent, "straight") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert train(straight_run.parent, "nothing-here", "--resume") == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    # epoch 1 trains normally; steplr multiplies the lr by 1e20 from epoch 2 on, which blows the loss up
+    code = train(tmp_path, "nan", "lr_scheduler.name=steplr", "lr_scheduler.step_size=1", "lr_scheduler.gamma=1e20",
+                 "optimizer.lr=0.01", "model.batchnorm=false", "model.divnorm_specs.type=nonorm", epochs=3)  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "stopped: training loss became NaN/inf at step" in out and "(epoch 2)" in out
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["stopped"] == "nonfinite" and summary["epochs"] == 1
+    last = load(tmp_path / "nan" / "last.pt")
+    assert last["book"]["epoch"] == 1
+    assert all(torch.isfinite(v.float()).all() for v in last["model"].values())
+
+
+def test_early_stop_with_patience(tmp_path):
+    # lr 0: the validation loss never improves after epoch 1, so patience 1 stops after epoch 2
+    assert train(tmp_path, "early", "optimizer.lr=0", "training.early_stop=true", "training.patience=1",
+                 epochs=5) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "early" / "summary.json").read_text())
+    assert summary["stopped"] == "early_stop" and summary["epochs"] == 2
+
+
+@pytest.mark.timeout(600)
+def test_torchrun_two_ranks_gloo(tmp_path):
+    """Two CPU processes (gloo): identical final weights, disjoint samples that match the contract's shards."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
+           "synthetic", "alexnet", "ddp", *SMALL, "data.augment=none", "training.record_samples=true",
+           f"logging.runs_dir={tmp_path}", "--epochs", "1", "--loader", "gpu", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=580)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = load(tmp_path / "ddp" / "samples.pt")["ranks"]
+    assert len(record) == 2
+    assert torch.equal(record[0]["params"], record[1]["params"]), "ranks ended with different weights"
+    images, labels = synthetic_arrays("train")
+    images, labels = torch.from_numpy(images[:64]), torch.from_numpy(labels[:64])
+    seen = []
+    for rank, entry in enumerate(record):
+        spec = LoaderSpec("synthetic", "train", 32, True, seed=42, rank=rank, world_size=2)
+        expected = shard_indices(64, spec, 0)[:32]
+        assert torch.equal(entry["samples"][:, 0].long(), labels[expected]), f"rank {rank} read other samples"
+        seen.append(set(entry["samples"][:, 1].tolist()))
+    assert len(seen[0]) == 32 and len(seen[1]) == 32 and not seen[0] & seen[1], "ranks saw the same samples"
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["val"]["top1"] >= 0
+    lines = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["train"]["samples"] == 64 and lines[0]["val"]["samples"] == 64  # reduced over both ranks
+    assert math.isfinite(lines[0]["train"]["loss"])
