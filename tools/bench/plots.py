@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works without a display, and before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tools.bench.report import format_ips  # noqa: E402
+
 COLORS = {"torch": "#4C72B0", "dali": "#55A868", "ffcv": "#C44E52", "gpu": "#8172B2", "resident": "#937860"}
 
 
@@ -146,7 +148,7 @@ def plot_train_vs_loader(records: list[dict[str, Any]], path: Path) -> Path | No
             linewidth=0.5,
         )
         ceiling = best("upper_bound")
-        ax.axhline(ceiling, color="#d62728", linestyle="--", label=f"upper bound {ceiling:,.0f}/s")
+        ax.axhline(ceiling, color="#d62728", linestyle="--", label=f"upper bound {format_ips(ceiling)}/s")
         ax.set_xticks(list(xs))
         ax.set_xticklabels(loaders)
         ax.set_ylabel("images/s (best setting)")
