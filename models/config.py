@@ -43,6 +43,9 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "relu": True,
     # ResNet downsample shortcut: True = torchvision's conv + BN; False = the original's BN-less conv.
     "shortcut_bn": True,
+    # ResNets: zero the last BatchNorm weight of each residual block so blocks start as identities (torchvision's
+    # zero_init_residual). Off by default, as in the original and torchvision; deep DN ResNets train better with it.
+    "zero_init_residual": False,
     # weight init of every conv: kaiming | normal | multivariate_gaussian | kaiming_gaussian.
     "weight_init": "kaiming",
     "nonlinearity": "relu",  # kaiming's gain (original key)
@@ -52,7 +55,7 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "divnorm_specs": DEFAULT_DIVNORM_SPECS,
 }
 
-_BOOL_KEYS = ("batchnorm", "relu", "shortcut_bn")
+_BOOL_KEYS = ("batchnorm", "relu", "shortcut_bn", "zero_init_residual")
 
 
 class ModelConfigError(ValueError):

@@ -9,7 +9,8 @@ activation (it comes after the residual add). ``divnorm_specs.asact`` places DN 
 The downsample shortcut is a 1x1 conv with BatchNorm (torchvision's) when ``shortcut_bn`` and ``batchnorm``
 are on; ``shortcut_bn = false`` gives the original's BN-less shortcut. DN never sits on the shortcut. With
 ReLU and BatchNorm on and DN off, the 224 px parameter counts equal torchvision's ``resnet18`` / ``resnet50``.
-The 32 px layout uses the usual CIFAR stem (3x3 conv stride 1, no max-pool); the stages are unchanged.
+``zero_init_residual`` (default off) zeroes the last BatchNorm weight of every block, so each block starts as its
+shortcut. The 32 px layout uses the usual CIFAR stem (3x3 conv stride 1, no max-pool); the stages are unchanged.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class ResNet(nn.Module):
         small_input: bool = False,
         asact: bool = False,
         shortcut_bn: bool = True,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         parts = parts or UnitParts()
@@ -132,6 +134,15 @@ class ResNet(nn.Module):
             self.add_module(f"layer{index}", nn.Sequential(*layers))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(in_channels, num_classes)
+        if zero_init_residual:
+            # Each block starts as its shortcut (Goyal et al. 2017, torchvision's option). With DN after every
+            # conv, the backward gain per conv-DN-BN unit exceeds 1 and compounds over ResNet-50's 49 units;
+            # starting the residual branches at zero keeps the early gradients bounded.
+            for module in self.modules():
+                if isinstance(module, BasicBlock | Bottleneck):
+                    last_norm = getattr(module.features[-1], "norm", None)
+                    if isinstance(last_norm, nn.BatchNorm2d):
+                        nn.init.zeros_(last_norm.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -148,6 +159,7 @@ def _build(block, blocks_per_stage, config: Mapping[str, Any], num_classes: int,
         small_input=small_input,
         asact=config["divnorm_specs"]["asact"],
         shortcut_bn=config["shortcut_bn"],
+        zero_init_residual=config["zero_init_residual"],
     )
 
 
