@@ -49,7 +49,8 @@ class DivisiveNorm2d(FiniteCheckMixin, nn.Module):
         gamma: initial log-gain (the gain ``exp(gamma)`` is positive by construction).
         sigma: initial semi-saturation constant.
         eps: added to the denominator (the config's default is 0; REFERENCE's default when absent is 1e-8).
-            Whatever eps is, the denominator is floored at ``DENOMINATOR_FLOOR`` so 0/0 cannot occur.
+            Whatever eps is, the per-pool offset ``|sigma|^P + eps`` is floored at ``DENOMINATOR_FLOOR``, so
+            0/0 cannot occur when sigma has been learned down to 0 and a pool's inputs are all 0.
         single_gamma / single_sigma: one scalar shared by all pools instead of one per pool.
         fix_gamma / fix_sigma / fix_all: freeze that parameter (per pool or single; the original's fix_*
             only worked with single_*). Frozen parameters stay ``nn.Parameter`` with ``requires_grad=False``,
@@ -118,8 +119,8 @@ def grouped_divnorm_autograd(
     xg = x.reshape(n, c // pool, pool, h, w)
     q = xg * xg if power == 2 else xg.abs().pow(power)
     energy = q.sum(dim=2, keepdim=True)
-    offset = (sigma * sigma if power == 2 else sigma.abs().pow(power)) + eps
-    denominator = (energy + offset.view(1, -1, 1, 1, 1)).clamp_min(DENOMINATOR_FLOOR)
+    offset = ((sigma * sigma if power == 2 else sigma.abs().pow(power)) + eps).clamp_min(DENOMINATOR_FLOOR)
+    denominator = energy + offset.view(1, -1, 1, 1, 1)
     return (q * (gamma.exp().view(1, -1, 1, 1, 1) / denominator)).reshape(n, c, h, w)
 
 
