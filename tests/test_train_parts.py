@@ -174,3 +174,21 @@ def test_nan_loss_stops_naming_the_step():
         net[7].weight.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"NaN/inf at step 0 \(epoch 4\)"):
         train_one_epoch(state, tensor_loader("train", True, 128), 3)
+
+
+def test_epoch_through_the_torch_loader():
+    """The same loop on the torchvision DataLoader backend (no workers: in-process)."""
+    torch.manual_seed(0)
+    spec = LoaderSpec("synthetic", "train", 32, True, workers=0, seed=1, options={"subset": 64, "pin_memory": False})
+    result = train_one_epoch(make_state(small_net()), build_loader("torch", spec), 0)
+    assert result["samples"] == 64 and result["steps"] == 2 and math.isfinite(result["loss"])
+
+
+def test_progress_bar_on_off():
+    from train.metrics import progress_bar_factory
+
+    assert progress_bar_factory("off", True)(0, 1) is None
+    assert progress_bar_factory("on", False)(0, 1) is None  # only rank 0 draws
+    update = progress_bar_factory("on", True)(0, 1)
+    update(1, 2, 100.0)
+    update(2, 2, 100.0)

@@ -115,8 +115,10 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
 
 
 def test_early_stop_with_patience(tmp_path):
-    # lr 0: the validation loss never improves after epoch 1, so patience 1 stops after epoch 2
-    assert train(tmp_path, "early", "optimizer.lr=0", "training.early_stop=true", "training.patience=1",
+    # lr 0 and no BatchNorm (whose running statistics move even at lr 0): the validation loss stays the same, so
+    # patience 1 stops after epoch 2
+    assert train(tmp_path, "early", "optimizer.lr=0", "model.batchnorm=false", "training.early_stop=true",
+                 "training.patience=1",
                  epochs=5) == 0  # fmt: skip
     summary = json.loads((tmp_path / "early" / "summary.json").read_text())
     assert summary["stopped"] == "early_stop" and summary["epochs"] == 2

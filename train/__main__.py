@@ -110,24 +110,24 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, str, dict, bool]:
     if args.epochs is not None:
         cli.append(f"training.epochs={args.epochs}")
     if args.resume:
-        config = _saved_config(dataset, model, exp)
+        runs_dir = load_config(dataset, model, cli)["logging"]["runs_dir"]  # where the run folder is
+        config = _saved_config(Path(runs_dir) / exp, dataset, model)
         apply_overrides(config, cli, defaults())
     else:
         config = load_config(dataset, model, cli)
     return dataset, model, exp, config, overwrite
 
 
-def _saved_config(dataset: str, model: str, exp: str) -> dict:
+def _saved_config(folder: Path, dataset: str, model: str) -> dict:
     """The config a run was started with (for --resume), checked against the dataset/model asked for."""
-    runs_dir = load_config(dataset, model)["logging"]["runs_dir"]
-    path = Path(runs_dir) / exp / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"--resume: {path} not found; start the run without --resume")
+    path = folder / "config.json"
+    if not (folder / "last.pt").is_file() or not path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {folder / 'last.pt'}; start the run without --resume")
     saved = json.loads(path.read_text())
     meta = saved.pop("run", {})
     if meta and (meta.get("dataset"), meta.get("model")) != (dataset, model):
         raise ConfigError(
-            f"--resume: {exp} was a {meta.get('dataset')} / {meta.get('model')} run, not {dataset} / {model}"
+            f"--resume: {folder} was a {meta.get('dataset')} / {meta.get('model')} run, not {dataset} / {model}"
         )
     config = copy.deepcopy(defaults())
     merge(config, saved, defaults(), f"from {path}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,28 @@ def _epoch_of(line: str) -> int:
         return int(json.loads(line).get("epoch", -1))
     except (json.JSONDecodeError, TypeError, ValueError):
         return 1 << 30  # a torn last line from an interruption: drop it
+
+
+def progress_bar_factory(mode: str, main: bool):
+    """Per-epoch progress callbacks: a tqdm bar with live images/s on rank 0 (``logging.progress_bar``:
+    on, off, or auto = on when stderr is a terminal)."""
+    enabled = main and (mode == "on" or (mode == "auto" and sys.stderr.isatty()))
+
+    def for_epoch(epoch: int, epochs: int):
+        if not enabled:
+            return None
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, dynamic_ncols=True)
+
+        def update(step: int, total: int, images_per_second: float) -> None:
+            bar.total = total
+            bar.n = step
+            bar.set_postfix_str(f"{images_per_second:.0f} img/s", refresh=False)
+            bar.refresh()
+            if step >= total:
+                bar.close()
+
+        return update
+
+    return for_epoch

@@ -28,7 +28,7 @@ from train import distributed
 from train.config import ConfigError, write_json
 from train.data import build_split_loader, loader_spec, resolve_loader_name
 from train.loop import NonFiniteLossError, TrainState, evaluate, train_one_epoch
-from train.metrics import MetricsLog
+from train.metrics import MetricsLog, progress_bar_factory
 from train.schedule import LrSchedule, build_optimizer
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -208,7 +208,7 @@ def _run(
     )
 
     record: list[torch.Tensor] | None = [] if training["record_samples"] else None
-    progress = _progress_bar(config, main)
+    progress = progress_bar_factory(config["logging"]["progress_bar"], main)
     stop_reason = "completed"
     for epoch in range(book["epoch"], epochs):
         try:
@@ -387,30 +387,3 @@ def _check_divnorm(net: nn.Module) -> None:
     except ImportError:  # pragma: no cover
         return
     check_finite(net)
-
-
-def _progress_bar(config: dict[str, Any], main: bool):
-    """A factory of per-epoch progress callbacks: tqdm with live images/s on rank 0 (``logging.progress_bar``)."""
-    import sys
-
-    mode = config["logging"]["progress_bar"]
-    enabled = main and (mode == "on" or (mode == "auto" and sys.stderr.isatty()))
-
-    def for_epoch(epoch: int, epochs: int):
-        if not enabled:
-            return None
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, dynamic_ncols=True)
-
-        def update(step: int, total: int, images_per_second: float) -> None:
-            bar.total = total
-            bar.n = step
-            bar.set_postfix_str(f"{images_per_second:.0f} img/s", refresh=False)
-            bar.refresh()
-            if step >= total:
-                bar.close()
-
-        return update
-
-    return for_epoch
