@@ -121,7 +121,7 @@ def test_pool_size_matches_reference_table(channels):
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("power", [2, 3, 1])
+@pytest.mark.parametrize("power", [2, 3])  # even and odd; P = 1 in the gradient tests
 @pytest.mark.parametrize("channels", CHANNELS)
 def test_ours_matches_loop(channels, power, batch):
     layer = randomize(DivisiveNorm2d(channels, p=0.5, power=power, eps=1e-3)).double()
