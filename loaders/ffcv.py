@@ -1,9 +1,9 @@
 """FFCV backend (``--loader ffcv``): .beton files decoded by FFCV's JIT-compiled CPU pipeline, on CPU or GPU.
 
 Reads ``tools/convert.py``'s output (``OUT/ffcv/<split>.beton`` + ``manifest.json``; ImageNet's ``test`` reads
-``val.beton``). For the in-memory sets (synthetic, cifar100) with no converted folder it writes a cached .beton of
-:func:`loaders.datasets.array_dataset` once (under ``<data_dir>/ffcv-cache`` or ``~/.cache/divnorm-trainer/ffcv``)
-and reuses it.
+``val.beton``). For the in-memory sets (synthetic, cifar100) with no .beton it writes a cached .beton of the
+split's arrays (:func:`loaders.arrays.load_split_arrays`: converted ``.npy`` files or the built-in / downloaded
+set) once, under ``<data_dir>/ffcv-cache`` or ``~/.cache/divnorm-trainer/ffcv``, and reuses it.
 
 Pipelines (see :mod:`loaders.ffcv_pipeline`): ImageNet train = ``RandomResizedCropRGBImageDecoder`` (``crop_scale``
 / ``crop_ratio``) + flip; validation = ``CenterCropRGBImageDecoder`` with ratio ``image_size / val_resize``; 32-px
@@ -18,8 +18,9 @@ instead); under DDP every rank follows the contract's per-epoch permutation shar
 samples and needs an initialized process group). Counts are exact per the contract. ``subset`` keeps the first
 N samples of the split.
 
-Batches are fresh tensors (FFCV hands out views of buffers it reuses ``batches_ahead + 2`` batches later; the
-copy costs little next to decoding, see the README). FFCV's first batch costs ~10 s of numba compilation here:
+Batches are tensors of our own that stay valid as long as the caller keeps them (FFCV hands out views of buffers
+it reuses ``batches_ahead + 2`` batches later): each is copied out into memory recycled only once nothing
+references it any more (:class:`OutputPool`). FFCV's first batch costs ~10 s of numba compilation here:
 compiled pipelines are cached per process and shared by every loader with the same decoding, and the first
 batch's latency is reported as ``warmup_seconds`` (``compile_seconds`` when this loader compiled it).
 A failure inside FFCV's thread raises :class:`loaders.ffcv_pipeline.FfcvWorkerError` within a fraction of a
@@ -28,6 +29,7 @@ second instead of hanging (``ffcv_timeout`` seconds, default 300, bound a thread
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -36,10 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from loaders.arrays import subset_size
+from loaders.arrays import load_split_arrays, subset_size
 from loaders.base import Loader, LoaderError, LoaderSpec, samples_per_rank, shard_indices
-from loaders.datasets import array_dataset, check_split, dataset_info
+from loaders.datasets import check_split, dataset_info
 from loaders.transforms import batch_threads
 
 INSTALL_HINT = (
@@ -183,8 +186,8 @@ class FfcvLoader(Loader):
         if device.type == "cuda" and not torch.cuda.is_available():
             raise LoaderError(f"device {device} requested but CUDA is not available; use --device cpu")
         image_size = int(spec.image_size or info.image_size)
-        if info.in_memory and image_size != 32:
-            raise LoaderError(f"--loader ffcv reads {spec.dataset} at 32 px only (image_size={image_size})")
+        # 32-px sets at another size: resized after decoding, like the torch backend (bilinear, antialiased)
+        self.resize_to = image_size if info.in_memory and image_size != 32 else None
         augment = str(spec.option("augment", "standard"))
         if augment not in AUGMENTS:
             raise LoaderError(f"unknown data.augment {augment!r}; choose one of: {', '.join(AUGMENTS)}")
@@ -252,7 +255,10 @@ class FfcvLoader(Loader):
 
     @staticmethod
     def _cached_beton(spec: LoaderSpec, writer_module) -> Path:
-        images, labels = array_dataset(spec.dataset, spec.split, spec.data_dir, spec.download, spec.seed)
+        # the whole split (tools/convert.py's raw arrays, or built in / downloaded): every ``subset`` of it then
+        # shares one .beton, hence one compiled pipeline
+        whole = dataclasses.replace(spec, options={**(spec.options or {}), "subset": None})
+        images, labels = load_split_arrays(whole)
         candidates = [Path(spec.data_dir) / "ffcv-cache"] if spec.data_dir else []
         candidates.append(default_cache_dir())
         for index, cache_dir in enumerate(candidates):
@@ -315,14 +321,20 @@ class FfcvLoader(Loader):
         """Tensors of our own in the contract's dtype, layout and normalization (FFCV reuses its buffers)."""
         spec = self.spec
         memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
-        if self.normalize_in_torch:  # uint8 on the GPU: math in float32, then the AMP dtype (new tensors)
-            images = ((images.float() - self._mean) / self._std).to(dtype=spec.dtype, memory_format=memory_format)
-        elif images.device.type == "cpu":
-            output = self._outputs.take(images.shape, spec.dtype, memory_format)
-            with batch_threads(images.device):  # one memory-bound pass: OpenMP barriers cost more than they give
+        with batch_threads(images.device):  # memory-bound passes: OpenMP barriers cost more than they give
+            if self.normalize_in_torch or self.resize_to:  # these make new tensors anyway
+                images = images.float()
+                if self.normalize_in_torch:  # uint8 on the GPU: math in float32, then the AMP dtype
+                    images = (images - self._mean) / self._std
+                if self.resize_to:
+                    size = (self.resize_to, self.resize_to)
+                    images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+                images = images.to(dtype=spec.dtype, memory_format=memory_format)
+            elif images.device.type == "cpu":
+                output = self._outputs.take(images.shape, spec.dtype, memory_format)
                 images = output.copy_(images)  # dtype cast (float32 -> bfloat16) and layout in the same pass
-        else:  # normalized by FFCV on the GPU; CUDA's caching allocator makes a fresh tensor cheap there
-            images = images.to(dtype=spec.dtype, memory_format=memory_format, copy=True)
+            else:  # normalized by FFCV on the GPU; CUDA's caching allocator makes a fresh tensor cheap there
+                images = images.to(dtype=spec.dtype, memory_format=memory_format, copy=True)
         labels = labels.reshape(-1).to(dtype=torch.int64, copy=True)
         return images, labels
 

@@ -277,3 +277,25 @@ def test_clear_errors(imagenet_tree, imagenet_ffcv, monkeypatch):
     monkeypatch.delattr(loaders, "ffcv_pipeline")
     with pytest.raises(LoaderError, match="bash tools/setup.sh"):
         build_loader("ffcv", spec_for("synthetic", "val", 8, False, imagenet_tree))
+
+
+# -------------------------------------------------------------------------------------------------- trainer
+
+
+@pytest.mark.timeout(600)
+def test_short_training_run_with_ffcv_learns(synthetic_dir, tmp_path):
+    from train.__main__ import main
+
+    # the cheapest real run: DN AlexNet at 16 px (the 32-px images resized after decoding), 512 samples
+    argv = ["synthetic", "alexnet", "ffcv-learns", "data.subset=512", "data.batch_size=32", "data.eval_batch_size=256",
+            "data.image_size=16", "model.divnorm_specs.type=ours", "optimizer.lr=0.02", "lr_scheduler.name=none",
+            f"data.path={synthetic_dir}", f"logging.runs_dir={tmp_path}", "--epochs", "4", "--loader", "ffcv",
+            "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    folder = tmp_path / "ffcv-learns"
+    summary = json.loads((folder / "summary.json").read_text())
+    epochs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert summary["loader"] == "ffcv" and [e["train"]["samples"] for e in epochs] == [512] * 4
+    losses = [e["train"]["loss"] for e in epochs]
+    assert losses[-1] < losses[0] - 0.2, losses  # chance level is ln(100) = 4.6
+    assert epochs[-1]["train"]["top1"] > 3.0 and epochs[-1]["val"]["loss"] < epochs[0]["val"]["loss"], epochs
