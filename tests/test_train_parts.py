@@ -192,3 +192,15 @@ def test_progress_bar_on_off():
     update = progress_bar_factory("on", True)(0, 1)
     update(1, 2, 100.0)
     update(2, 2, 100.0)
+
+
+def test_metrics_log_truncates_to_the_checkpoint(tmp_path):
+    from train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for epoch in (1, 2, 3):
+        log.append({"epoch": epoch})
+    with open(log.path, "a") as f:
+        f.write('{"epoch": 4, "tr')  # torn line of an interrupted write
+    log.truncate_after(2)
+    assert [r["epoch"] for r in log.read()] == [1, 2]

@@ -62,11 +62,11 @@ class MetricsLog:
         self.enabled = enabled
 
     def truncate_after(self, epoch: int) -> None:
-        """Drop lines of epochs >= ``epoch`` (a resumed run rewrites what the interrupted one logged past its
-        last checkpoint, so the file matches the checkpoint)."""
+        """Drop the lines of epochs after ``epoch`` (1-based, completed): a resumed run rewrites what the
+        interrupted one logged past its last checkpoint, so the file matches the checkpoint."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and _epoch_of(line) < epoch]
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and _epoch_of(line) <= epoch]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
