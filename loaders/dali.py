@@ -12,8 +12,10 @@ How it keeps the loader contract exactly:
   order as the torch backend (``epoch_permutation`` for training, ``r, r + W, ...`` for evaluation), the last
   partial training batch is never fed and the last evaluation batch is simply smaller (DALI accepts variable
   batch sizes up to ``batch_size``). DALI's own readers shard contiguously (``shard_id`` blocks), which gives
-  other per-rank counts than the contract's strided rule whenever the data set does not divide evenly, hence
-  the external source.
+  other per-rank counts than the contract's strided rule whenever the data set does not divide evenly, and
+  shuffle within a buffer rather than by a global permutation, hence the external source. What it feeds is
+  cheap: file names for an ImageFolder (the pipeline reads the files itself, ``fn.io.file.read``), zero-copy
+  views of the memory-mapped shards for webdataset tars, gathered uint8 arrays for CIFAR-style sets.
 * **Epochs.** The pipeline is built once; the source raises ``StopIteration`` at the end of the epoch's plan
   and the pipeline is ``reset()`` before the next one. An epoch left early (``break``) is drained (at most
   ``prefetch`` batches) so the next epoch starts clean.
@@ -259,12 +261,14 @@ class DaliLoader(Loader):
 
     def _drain(self, pipe) -> None:
         """Consume what an epoch left early had prefetched and mark its end, so ``reset()`` restarts cleanly."""
+        if self._pipe is not pipe:
+            return  # closed or replaced meanwhile: nothing to drain
         try:
             while not pipe.empty():
                 pipe.outputs()
             self._feeder.stop()
             pipe.schedule_run()  # the source raises StopIteration: the pipeline records the epoch's end
-        except (RuntimeError, StopIteration):
+        except Exception:  # noqa: BLE001 - e.g. a pipeline torn down at interpreter exit: rebuild next time
             self._pipe = None
 
     def _to_torch(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
