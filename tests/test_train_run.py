@@ -150,3 +150,17 @@ def test_torchrun_two_ranks_gloo(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["train"]["samples"] == 64 and lines[0]["val"]["samples"] == 64  # reduced over both ranks
     assert math.isfinite(lines[0]["train"]["loss"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_run_with_amp_and_compile(tmp_path, amp):
+    """On a GPU: autocast (GradScaler for fp16), channels-last, torch.compile; the run folder as on the CPU."""
+    argv = ["synthetic", "alexnet", f"gpu-{amp}", *SMALL, f"logging.runs_dir={tmp_path}", "--epochs", "1",
+            "--loader", "gpu", "--device", "cuda", f"training.amp={amp}", "training.compile=true"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / f"gpu-{amp}" / "summary.json").read_text())
+    assert summary["device"].startswith("cuda") and summary["amp"] == amp
+    assert math.isfinite(summary["test"]["loss"])
+    last = load(tmp_path / f"gpu-{amp}" / "last.pt")
+    assert (last["scaler"] is not None) == (amp == "fp16")
