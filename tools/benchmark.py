@@ -125,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--setting-timeout", type=float, default=None, help="kill a setting after this many seconds")
     p.add_argument("--in-process", action="store_true", help="measure in this process (debugging; no hang protection)")
     p.add_argument("--list", action="store_true", help="print the settings and exit")
+    p.add_argument("--rebuild", action="store_true", help="rewrite results.md / plots / tuned from <out>/results.json")
     p.add_argument(
         "--make-sample-tree", type=Path, metavar="DIR", help="build the repeated ImageNet sample tree and exit"
     )
@@ -274,6 +275,15 @@ def main(argv: list[str] | None = None) -> int:
             args.make_sample_tree, args.copies, imagenet_sample_dir(), args.val_copies
         )
         print(f"benchmark: {args.make_sample_tree}: {train} train and {val} val images")
+        return 0
+    if args.rebuild:  # after a crash or an edit of the report code: no measurement
+        out = args.out or REPO / "benchmarks" / machine_slug()
+        if not (out / "results.json").is_file():
+            raise SystemExit(f"benchmark: --rebuild needs {out / 'results.json'}; pass --out")
+        result = json.loads((out / "results.json").read_text())
+        args.dataset = result["dataset"]
+        finish(result, out, args)
+        print(f"benchmark: rebuilt {out / 'results.md'} and {len(result['plots'])} plot(s) from {out / 'results.json'}")
         return 0
     validate(args)
     import torch

@@ -281,7 +281,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "## Tuned setting",
             "",
-            f"`{json.dumps(result['tuned']['data'])}` written to `{result['tuned_path']}`",
+            f"`{json.dumps(result['tuned'][result['dataset']]['data'])}` written to `{result['tuned_path']}` "
+            "(read by `python -m train ... --loader auto`)",
             "",
         ]
     lines += ["## Details", ""]
