@@ -65,6 +65,11 @@ def verdicts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         note = ""
         if bound == "compute-bound" and t < CONTENTION_FRACTION * u:
             note = "the loader alone keeps up, but loading and the training step compete for the same cores"
+        elif t > u / CONTENTION_FRACTION:
+            note = (
+                "training measured above its compute-only upper bound: the two were timed under different load "
+                "(a shared or throttling machine); rerun when it is quiet"
+            )
         elif bound == "loader-bound":
             note = "a faster loader setting (or more decode resources) would speed training up"
         out.append(
