@@ -225,7 +225,7 @@ class FfcvLoader(Loader):
             stamp=(stat.st_size, stat.st_mtime_ns),
             train=spec.train,
             resized=not info.in_memory,
-            image_size=image_size,
+            image_size=32 if info.in_memory else image_size,  # decoded size: other sizes are resized afterwards
             crop_scale=tuple(float(v) for v in spec.option("crop_scale", (0.08, 1.0))),
             crop_ratio=tuple(float(v) for v in spec.option("crop_ratio", (0.75, 4 / 3))),
             val_ratio=image_size / float(spec.option("val_resize", 256)),

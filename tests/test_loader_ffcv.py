@@ -286,16 +286,17 @@ def test_clear_errors(imagenet_tree, imagenet_ffcv, monkeypatch):
 def test_short_training_run_with_ffcv_learns(synthetic_dir, tmp_path):
     from train.__main__ import main
 
-    # the cheapest real run: DN AlexNet at 16 px (the 32-px images resized after decoding), 512 samples
-    argv = ["synthetic", "alexnet", "ffcv-learns", "data.subset=512", "data.batch_size=32", "data.eval_batch_size=256",
+    # the cheapest real run: DN AlexNet at 16 px (the 32-px images resized after decoding), 384 samples, 3 epochs;
+    # the 32-px FFCV pipelines compiled by the tests above are reused (same .beton, same decoding)
+    argv = ["synthetic", "alexnet", "ffcv-learns", "data.subset=384", "data.batch_size=32", "data.eval_batch_size=384",
             "data.image_size=16", "model.divnorm_specs.type=ours", "optimizer.lr=0.02", "lr_scheduler.name=none",
-            f"data.path={synthetic_dir}", f"logging.runs_dir={tmp_path}", "--epochs", "4", "--loader", "ffcv",
+            f"data.path={synthetic_dir}", f"logging.runs_dir={tmp_path}", "--epochs", "3", "--loader", "ffcv",
             "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
     folder = tmp_path / "ffcv-learns"
     summary = json.loads((folder / "summary.json").read_text())
     epochs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert summary["loader"] == "ffcv" and [e["train"]["samples"] for e in epochs] == [512] * 4
+    assert summary["loader"] == "ffcv" and [e["train"]["samples"] for e in epochs] == [384] * 3
     losses = [e["train"]["loss"] for e in epochs]
-    assert losses[-1] < losses[0] - 0.2, losses  # chance level is ln(100) = 4.6
-    assert epochs[-1]["train"]["top1"] > 3.0 and epochs[-1]["val"]["loss"] < epochs[0]["val"]["loss"], epochs
+    assert losses[-1] < losses[0] - 0.5, losses  # chance level is ln(100) = 4.6; measured 5.1 -> 3.6
+    assert epochs[-1]["val"]["top1"] > 5.0 and epochs[-1]["val"]["loss"] < epochs[0]["val"]["loss"], epochs
