@@ -116,7 +116,8 @@ def test_markdown_tables_verdict_and_tuned_fragment(short_run):
     config["data"].update(loader="auto", tuned_path=str(short_run / "tuned.json"))
     apply_tuned(config, "synthetic", lambda message: None)
     assert (config["data"]["loader"], config["data"]["workers"]) == (best["loader"], best["workers"])
-    assert config["data"]["batch_size"] == 4
+    # the trainer keeps its own batch size (an optimisation setting); the tuned one is for throughput only
+    assert config["data"]["batch_size"] == defaults()["data"]["batch_size"]
 
 
 @pytest.mark.timeout(300)
