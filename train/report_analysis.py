@@ -174,10 +174,21 @@ def activation_sparsity(model: nn.Module, images: torch.Tensor) -> list[LayerSpa
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     positions = dn_positions(model)
+    kinds = {name: type(module).__name__ for name, module in positions}
+    stand_in = not positions
+    if stand_in:
+        # a nonorm net leaves the DN slot out: measure where DN would sit (after each unit's activation), so the
+        # baseline's rows line up with a DN run's "before" values; before = after there (no layer)
+        positions = [(name, m) for name, m in model.named_modules() if name.split(".")[-1] == "act"]
+        kinds = {name: "none (after act)" for name, _ in positions}
 
     def hook(name):
-        # clone: ReLU(inplace) after the DN position would otherwise change what we recorded
-        return lambda _m, inputs, output: seen.__setitem__(name, (inputs[0].detach().clone(), output.detach().clone()))
+        def record(_module, inputs, output):
+            # clone: an in-place ReLU after the position would otherwise change what we recorded
+            after = output.detach().clone()
+            seen[name] = (after if stand_in else inputs[0].detach().clone(), after)
+
+        return record
 
     for name, module in positions:
         handles.append(module.register_forward_hook(hook(name)))
@@ -187,14 +198,14 @@ def activation_sparsity(model: nn.Module, images: torch.Tensor) -> list[LayerSpa
         for handle in handles:
             handle.remove()
     rows = []
-    for name, module in positions:
+    for name, _module in positions:
         if name not in seen:
             continue
         before, after = seen[name]
         rows.append(
             LayerSparsity(
                 name=name,
-                kind=type(module).__name__,
+                kind=kinds[name],
                 gini_before=gini(before),
                 gini_after=gini(after),
                 zeros_before=float((before == 0).double().mean()),

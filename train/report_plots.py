@@ -58,7 +58,7 @@ def filter_grid(weights: dict[str, torch.Tensor], title: str, path: Path) -> Pat
     stages = list(weights)
     fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 4.4), squeeze=False)
     for ax, stage in zip(axes[0], stages, strict=True):
-        ax.imshow(_tile(weights[stage]), interpolation="nearest")
+        ax.imshow(_tile(weights[stage]).numpy(), interpolation="nearest")
         ax.set_title(f"{stage}")
         ax.axis("off")
     fig.suptitle(title)
