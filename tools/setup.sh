@@ -38,11 +38,20 @@ pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" "torch==2.14.1" "torchvision==0.29.1"
 "${pip[@]}" -r requirements/lock.txt
 "${pip[@]}" --no-deps -e .
+ffcv_hint="add it later: sudo apt-get install ${debian_packages[*]} && .venv/bin/pip install --no-deps -r requirements/lock-ffcv.txt"
 if [ "$with_ffcv" = 1 ]; then
-  # --no-deps: FFCV would pull opencv-python, torch and numba unpinned; lock-ffcv.txt pins what it resolved.
-  "${pip[@]}" --no-deps -r requirements/lock-ffcv.txt
+  # --no-deps: FFCV would pull opencv-python (needs libGL), torch and numba unpinned; lock-ffcv.txt pins what it
+  # resolved, with the headless OpenCV build. A failed build leaves every other loader working.
+  if ! "${pip[@]}" --no-deps -r requirements/lock-ffcv.txt >/tmp/divnorm-ffcv-install.log 2>&1 \
+    || ! "$VENV/bin/python" -c "import ffcv" >>/tmp/divnorm-ffcv-install.log 2>&1; then
+    echo "setup: FFCV skipped (its build or import failed, see /tmp/divnorm-ffcv-install.log); every other loader works; $ffcv_hint"
+  fi
 else
-  echo "setup: FFCV skipped (needs Debian packages ${debian_packages[*]} and root to install them); every other loader works. Add it later: sudo apt-get install ${debian_packages[*]} && .venv/bin/pip install --no-deps -r requirements/lock-ffcv.txt"
+  echo "setup: FFCV skipped (needs Debian packages ${debian_packages[*]} and root to install them); every other loader works; $ffcv_hint"
+fi
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  # GPU machine: cupy lets FFCV normalize on the GPU (the `gpu` extra); without it the loader uses torch ops.
+  "${pip[@]}" "cupy-cuda13x" || echo "setup: cupy not installed; FFCV normalizes with torch ops on the GPU"
 fi
 rm -f "$VENV"/.setup-*
 touch "$stamp"
