@@ -133,27 +133,30 @@ def build_model(run: RunData) -> tuple[nn.Module, str]:
 
 
 def fixed_batch(run: RunData, size: int) -> torch.Tensor:
-    """The first ``size`` images of the run's validation split through the torch loader (deterministic: eval
-    order, no augmentation), float32 on the CPU, normalized as in training."""
+    """The first ``size`` images of the run's validation split, float32 on the CPU, normalized as in training.
+
+    Deterministic: evaluation order, no augmentation. Read through the torch loader (which also reads converted
+    array folders); when that cannot read the run's ``data.path`` (an ImageNet folder converted for DALI or
+    FFCV only), the run's own backend on the CPU reads it instead.
+    """
     from loaders import build_loader
     from train.data import loader_spec
 
     config = copy.deepcopy(run.config)
-    data = config["data"]
-    data.update(loader="torch", workers=0, eval_batch_size=size, pin_memory=False, subset=None)
-    dataset = config["run"]["dataset"]
-    if dataset in ("synthetic",) or (dataset == "cifar100" and _converted(data["path"])):
-        data["path"] = None if dataset == "synthetic" else data["path"]
+    config["data"].update(workers=0, eval_batch_size=size, pin_memory=False, subset=None, dali_device="cpu")
     config["training"]["channels_last"] = False
+    dataset = config["run"]["dataset"]
     spec = loader_spec(config, dataset, "val", False, torch.device("cpu"), torch.float32)
-    loader = build_loader("torch", spec)
-    for images, _labels in loader:
-        return images.float()
-    raise ValueError("the validation split is empty")
-
-
-def _converted(path: str | None) -> bool:
-    return bool(path) and any((Path(path) / sub).exists() for sub in ("manifest.json", "ffcv", "dali"))
+    backends = ["torch"] + [b for b in (config.get("run", {}).get("loader"),) if b and b not in ("torch", "auto")]
+    errors = []
+    for backend in backends:
+        try:
+            for images, _labels in build_loader(backend, spec):
+                return images.float()
+            raise ValueError("the validation split is empty")
+        except Exception as error:  # noqa: BLE001 - try the next backend, report all failures together
+            errors.append(f"{backend}: {error}")
+    raise ValueError("could not read a validation batch (" + "; ".join(errors) + ")")
 
 
 @dataclass
