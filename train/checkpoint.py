@@ -59,6 +59,13 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) with one value."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DDP and/or ``torch.compile`` wrappers."""
     while True:

@@ -98,3 +98,21 @@ def gather_objects(value: Any, env: DistributedEnv) -> list[Any]:
 def barrier(env: DistributedEnv) -> None:
     if env.enabled:
         dist.barrier()
+
+
+def broadcast_buffers(net: torch.nn.Module, env: DistributedEnv) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each *training* forward, so after the last step every rank holds the
+    running statistics of its own last batch; without this, rank 1 would validate (and a 1-rank resume would
+    continue) with statistics that differ from the ones rank 0 saves in ``last.pt``.
+    """
+    if not env.enabled:
+        return
+    for buffer in net.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
+def rank_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """A per-rank seed (dropout masks differ between ranks); rank 0 of epoch 0 keeps ``seed`` itself."""
+    return (seed + 1_000_003 * rank + 7_919 * epoch) % (2**63 - 1)

@@ -137,6 +137,8 @@ def _run(
     net = build_network(request)
     memory_format = torch.channels_last if training["channels_last"] else torch.contiguous_format
     net = net.to(device=device, memory_format=memory_format)
+    if env.enabled:  # same init on every rank (seed above), then per-rank streams (dropout differs across ranks)
+        ckpt.seed_all(distributed.rank_seed(int(config["seed"]), env.rank))
     if env.enabled and config["distributed"]["sync_bn"]:
         if device.type == "cuda":
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -193,7 +195,11 @@ def _run(
         state.global_step = int(state_ckpt["global_step"])
         book.update(state_ckpt["book"])
         conv1 = dict(state_ckpt.get("conv1", conv1))
-        ckpt.set_rng_state(state_ckpt["rng"][min(env.rank, len(state_ckpt["rng"]) - 1)])
+        if len(state_ckpt["rng"]) == env.world_size:  # same number of ranks: continue every stream exactly
+            ckpt.set_rng_state(state_ckpt["rng"][env.rank])
+        else:  # another world size: fresh per-rank streams (the loaders' shuffles depend only on seed and epoch)
+            ckpt.seed_all(distributed.rank_seed(int(config["seed"]), env.rank, book["epoch"]))
+            say(f"resuming {len(state_ckpt['rng'])}-rank checkpoint on {env.world_size} rank(s): RNG reseeded per rank")
         say(f"resumed {last_path} at epoch {book['epoch']} (step {state.global_step})")
     metrics_log = MetricsLog(folder / "metrics.jsonl", enabled=main)
     if main:
@@ -213,6 +219,7 @@ def _run(
     for epoch in range(book["epoch"], epochs):
         try:
             train_metrics = train_one_epoch(state, train_loader, epoch, progress(epoch, epochs), record)
+            distributed.broadcast_buffers(net, env)  # every rank validates and saves rank 0's BN statistics
             _check_divnorm(net)
         except (NonFiniteLossError, FloatingPointError) as error:
             say(f"stopped: {error}")
