@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from divnorm import DivisiveNorm2d  # noqa: E402
 from divnorm.grouped import grouped_divnorm_autograd  # noqa: E402
+from train.files import write_text_atomic  # noqa: E402
 
 GOAL_VS_BATCHNORM = 2.0
 GOAL_VS_CONV3D = 1.5
@@ -169,19 +169,6 @@ def report(
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", type=int, nargs=4, default=[32, 256, 28, 28], metavar=("N", "C", "H", "W"))
@@ -204,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(shape, args.rounds, args.warmup, results, command.strip(), load)
     print(text)
     if not args.no_write:
-        write_atomic(args.out, text)
+        write_text_atomic(args.out, text)
     return 0
 
 

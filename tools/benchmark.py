@@ -34,8 +34,10 @@ if str(REPO) not in sys.path:  # run as a script: make the project importable
 
 from tools.bench import data as bench_data  # noqa: E402
 from tools.bench.machine import describe_machine, machine_slug  # noqa: E402
-from tools.bench.report import markdown, tuned_fragment, verdicts, write_json, write_text_atomic, write_tuned  # noqa: E402
+from tools.bench.report import markdown, tuned_fragment, verdicts, write_tuned  # noqa: E402
 from tools.bench.settings import RESIDENT, Setting, build_matrix, make_record  # noqa: E402
+from train.files import write_json_atomic as write_json  # noqa: E402
+from train.files import write_text_atomic  # noqa: E402
 
 INSTALL_HINT = {
     "dali": "bash tools/setup.sh, or .venv/bin/pip install 'nvidia-dali-cuda130==2.4.0'",

@@ -13,8 +13,6 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -235,18 +233,3 @@ def load_config(dataset: str, model: str, overrides: Iterable[str] = ()) -> dict
     merge(config, _read_json(path), schema, f"from {path.relative_to(CONFIG_DIR.parent)}")
     apply_overrides(config, overrides, schema)
     return config
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as JSON atomically (temp file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -14,13 +14,12 @@ import argparse
 import base64
 import html
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from train.files import write_text_atomic
 from train.report_analysis import ReportError, RunData, finite, read_run
 
 SWITCHES = ("relu", "batchnorm")
@@ -223,10 +222,10 @@ def build_report(folders: list[str], out: Path, batch_size: int = 64, log=print)
         md += ["## Notes", ""] + notes + [""]
 
     text = "\n".join(md)
-    _write(out / "report.md", text)
-    _write(out / "report.html", to_html(text, out))
+    write_text_atomic(out / "report.md", text)
+    write_text_atomic(out / "report.html", to_html(text, out))
     result = {"runs": rows, "analysis": analysis_rows, "notes": {r.name: r.notes for r in runs}}
-    _write(out / "report.json", json.dumps(result, indent=2, default=str))
+    write_text_atomic(out / "report.json", json.dumps(result, indent=2, default=str))
     log(f"report: {out / 'report.md'}, {out / 'report.html'} ({len(runs)} runs)")
     return result
 
@@ -238,17 +237,6 @@ def _unique(names: list[str]) -> list[str]:
         seen[name] = seen.get(name, 0) + 1
         out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
     return out
-
-
-def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def to_html(markdown: str, folder: Path) -> str:

@@ -25,8 +25,9 @@ from torch import nn
 
 from train import checkpoint as ckpt
 from train import distributed
-from train.config import ConfigError, write_json
+from train.config import ConfigError
 from train.data import build_split_loader, loader_spec, resolve_loader_name
+from train.files import write_json_atomic as write_json
 from train.loop import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from train.metrics import MetricsLog, progress_bar_factory
 from train.schedule import LrSchedule, build_optimizer

@@ -14,11 +14,11 @@ the best training setting and ``T`` that best training throughput:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from train.files import write_json_atomic as write_json
 
 CONTENTION_FRACTION = 0.9  # T below 90 % of U with a fast enough loader: the two compete
 
@@ -120,22 +120,6 @@ def tuned_fragment(records: list[dict[str, Any]], dataset: str) -> dict[str, Any
             }
             return {"loader": best["loader"], "data": data, "benchmark": benchmark}
     return None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_tuned(path: Path, dataset: str, fragment: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
