@@ -154,6 +154,18 @@ def dali_payload(data: bytes, decoded: Decoded, quality: int) -> tuple[bytes, bo
     return encode_jpeg(decoded.image, quality), True
 
 
-def rgb_array(decoded: Decoded) -> np.ndarray:
-    """The decoded picture as a C-contiguous uint8 (H, W, 3) array (what FFCV's RGBImageField takes)."""
-    return np.ascontiguousarray(np.asarray(decoded.image, dtype=np.uint8))
+# FFCV's crop decoders take int(ratio * side) pixels: a side under 2 px becomes a 0-px crop and OpenCV aborts the
+# whole process, so FFCV samples get at least this many pixels per side.
+FFCV_MIN_SIDE = 8
+
+
+def rgb_array(decoded: Decoded, min_side: int = FFCV_MIN_SIDE) -> np.ndarray:
+    """The decoded picture as a C-contiguous uint8 (H, W, 3) array (what FFCV's RGBImageField takes).
+
+    A side shorter than ``min_side`` is repeated (nearest neighbour) up to it, so FFCV can crop it.
+    """
+    image = decoded.image
+    width, height = image.size
+    if min(width, height) < min_side:
+        image = image.resize((max(width, min_side), max(height, min_side)), Image.Resampling.NEAREST)
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
