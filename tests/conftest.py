@@ -51,6 +51,21 @@ def imagenet_tree(tmp_path_factory) -> Path:
     return build_imagefolder(tmp_path_factory.mktemp("imagenet-sample"))
 
 
+@pytest.fixture(scope="session")
+def synthetic_raw_dir(tmp_path_factory) -> Path:
+    """The synthetic val split in the conversion tool's raw layout ``OUT/dali/val/images.npy`` + ``labels.npy``."""
+    import numpy as np
+
+    from loaders.datasets import array_dataset
+
+    root = tmp_path_factory.mktemp("synthetic-converted")
+    images, labels = array_dataset("synthetic", "val")
+    (root / "dali" / "val").mkdir(parents=True)
+    np.save(root / "dali" / "val" / "images.npy", images)
+    np.save(root / "dali" / "val" / "labels.npy", labels)
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

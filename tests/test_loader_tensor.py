@@ -18,17 +18,6 @@ from tests.contract import assert_loader_contract, collect_epoch
 SUBSET = 600
 
 
-@pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    """The synthetic val split in the conversion tool's raw layout ``OUT/dali/val/images.npy`` + labels."""
-    root = tmp_path_factory.mktemp("synthetic-converted")
-    images, labels = array_dataset("synthetic", "val")
-    (root / "dali" / "val").mkdir(parents=True)
-    np.save(root / "dali" / "val" / "images.npy", images)
-    np.save(root / "dali" / "val" / "labels.npy", labels)
-    return root
-
-
 def spec_for(data_dir, **overrides) -> LoaderSpec:
     settings = dict(
         dataset="synthetic", split="val", batch_size=64, train=True, data_dir=str(data_dir), options={"subset": SUBSET}
@@ -47,11 +36,11 @@ def reference_batch(images: np.ndarray, indices, offsets, flips) -> torch.Tensor
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_contract_order_and_sharding(train, world_size, synthetic_dir):
-    labels = torch.from_numpy(np.load(synthetic_dir / "dali" / "val" / "labels.npy"))
+def test_contract_order_and_sharding(train, world_size, synthetic_raw_dir):
+    labels = torch.from_numpy(np.load(synthetic_raw_dir / "dali" / "val" / "labels.npy"))
     per_rank = []
     for rank in range(world_size):
-        spec = spec_for(synthetic_dir, train=train, rank=rank, world_size=world_size)
+        spec = spec_for(synthetic_raw_dir, train=train, rank=rank, world_size=world_size)
         loader = build_loader("gpu", spec)
         assert_loader_contract(loader, spec, SUBSET, 100)
         _, seen = collect_epoch(loader, 5)
@@ -76,8 +65,8 @@ def test_reads_the_arrays_without_a_converted_folder():
     assert torch.equal(torch.cat(batches), expected)
 
 
-def test_every_offset_and_flip_occurs(synthetic_dir):
-    loader = build_loader("gpu", spec_for(synthetic_dir, batch_size=100))
+def test_every_offset_and_flip_occurs(synthetic_raw_dir):
+    loader = build_loader("gpu", spec_for(synthetic_raw_dir, batch_size=100))
     offsets, flips = [], []
     for epoch in range(3):
         loader.set_epoch(epoch)
@@ -99,9 +88,9 @@ def test_every_offset_and_flip_occurs(synthetic_dir):
 
 
 @pytest.mark.parametrize("augment", ["standard", "original"])
-def test_batch_equals_torch_backend_with_the_same_offsets_and_flips(augment, synthetic_dir):
-    images = np.load(synthetic_dir / "dali" / "val" / "images.npy")
-    loader = build_loader("gpu", spec_for(synthetic_dir, options={"subset": SUBSET, "augment": augment}))
+def test_batch_equals_torch_backend_with_the_same_offsets_and_flips(augment, synthetic_raw_dir):
+    images = np.load(synthetic_raw_dir / "dali" / "val" / "images.npy")
+    loader = build_loader("gpu", spec_for(synthetic_raw_dir, options={"subset": SUBSET, "augment": augment}))
     loader.set_epoch(2)
     for batch_number, (batch, _) in enumerate(loader):
         indices, offsets, flips = loader.last_augmentation
@@ -136,18 +125,18 @@ def test_store_size_accounts_for_padding_and_mirror():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_dtype_layout_and_resize(dtype, synthetic_dir):
-    spec = spec_for(synthetic_dir, dtype=dtype, channels_last=False, image_size=48, options={"subset": 128})
+def test_dtype_layout_and_resize(dtype, synthetic_raw_dir):
+    spec = spec_for(synthetic_raw_dir, dtype=dtype, channels_last=False, image_size=48, options={"subset": 128})
     loader = build_loader("gpu", spec)
     assert_loader_contract(loader, spec, 128, 100)
     images, _ = next(iter(loader))
     assert images.shape == (64, 3, 48, 48) and images.is_contiguous() and images.dtype == dtype
 
 
-def test_same_order_and_eval_pixels_as_torch_backend(synthetic_dir):
+def test_same_order_and_eval_pixels_as_torch_backend(synthetic_raw_dir):
     for train in (True, False):
-        torch_loader = build_loader("torch", spec_for(synthetic_dir, train=train, workers=0))
-        tensor_loader = build_loader("gpu", spec_for(synthetic_dir, train=train))
+        torch_loader = build_loader("torch", spec_for(synthetic_raw_dir, train=train, workers=0))
+        tensor_loader = build_loader("gpu", spec_for(synthetic_raw_dir, train=train))
         x0, y0 = collect_epoch(torch_loader, 4)
         x1, y1 = collect_epoch(tensor_loader, 4)
         assert torch.equal(torch.cat(y0), torch.cat(y1))
@@ -172,11 +161,11 @@ def test_missing_cifar100_and_missing_converted_split(tmp_path):
         build_loader("gpu", LoaderSpec("cifar100", "test", batch_size=8, train=False, data_dir=str(tmp_path)))
 
 
-def test_cpu_batches_leave_the_thread_setting_alone(synthetic_dir):
+def test_cpu_batches_leave_the_thread_setting_alone(synthetic_raw_dir):
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        loader = build_loader("gpu", spec_for(synthetic_dir, options={"subset": 128}))
+        loader = build_loader("gpu", spec_for(synthetic_raw_dir, options={"subset": 128}))
         for _ in loader:
             assert torch.get_num_threads() == 2, "the loader must restore the thread count before yielding"
     finally:
@@ -187,11 +176,11 @@ def test_cpu_batches_leave_the_thread_setting_alone(synthetic_dir):
 
 
 @pytest.mark.gpu
-def test_cuda_contract_and_same_batches_as_cpu(synthetic_dir):
-    spec = spec_for(synthetic_dir, device=torch.device("cuda"))
+def test_cuda_contract_and_same_batches_as_cpu(synthetic_raw_dir):
+    spec = spec_for(synthetic_raw_dir, device=torch.device("cuda"))
     cuda = build_loader("gpu", spec)
     assert_loader_contract(cuda, spec, SUBSET, 100)
-    images = np.load(synthetic_dir / "dali" / "val" / "images.npy")
+    images = np.load(synthetic_raw_dir / "dali" / "val" / "images.npy")
     cuda.set_epoch(1)
     batch, _ = next(iter(cuda))
     indices, offsets, flips = (t.cpu() for t in cuda.last_augmentation)

@@ -22,17 +22,6 @@ from tests.contract import assert_loader_contract, collect_epoch
 SUBSET = 600  # samples of the synthetic val split: small enough to keep every test fast
 
 
-@pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    """The synthetic val split in the conversion tool's raw layout (read back in milliseconds)."""
-    root = tmp_path_factory.mktemp("synthetic-converted")
-    images, labels = array_dataset("synthetic", "val")
-    (root / "dali" / "val").mkdir(parents=True)
-    np.save(root / "dali" / "val" / "images.npy", images)
-    np.save(root / "dali" / "val" / "labels.npy", labels)
-    return root
-
-
 def synthetic_spec(**overrides) -> LoaderSpec:
     settings = dict(dataset="synthetic", split="val", batch_size=64, train=True, workers=0, options={"subset": SUBSET})
     settings.update(overrides)
@@ -47,11 +36,11 @@ def to_uint8(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_contract_and_sharding(train, world_size, synthetic_dir):
-    all_labels = np.load(synthetic_dir / "dali" / "val" / "labels.npy")
+def test_contract_and_sharding(train, world_size, synthetic_raw_dir):
+    all_labels = np.load(synthetic_raw_dir / "dali" / "val" / "labels.npy")
     labels_per_rank = []
     for rank in range(world_size):
-        spec = synthetic_spec(train=train, rank=rank, world_size=world_size, data_dir=str(synthetic_dir))
+        spec = synthetic_spec(train=train, rank=rank, world_size=world_size, data_dir=str(synthetic_raw_dir))
         loader = build_loader("torch", spec)
         assert_loader_contract(loader, spec, SUBSET, 100)
         _, labels = collect_epoch(loader, 3)
@@ -81,9 +70,9 @@ def test_subset_keeps_the_first_samples():
 
 
 @pytest.mark.timeout(120)
-def test_workers_persist_and_do_not_change_the_batches(synthetic_dir):
+def test_workers_persist_and_do_not_change_the_batches(synthetic_raw_dir):
     """Two persistent workers give exactly the in-process batches (augmentation is seeded per sample)."""
-    data_dir = str(synthetic_dir)
+    data_dir = str(synthetic_raw_dir)
     in_process = build_loader("torch", synthetic_spec(data_dir=data_dir, options={"subset": 256}))
     with_workers = build_loader(
         "torch", synthetic_spec(data_dir=data_dir, workers=2, options={"subset": 256, "prefetch": 2})
@@ -103,8 +92,8 @@ def test_workers_persist_and_do_not_change_the_batches(synthetic_dir):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_dtype_and_plain_nchw(dtype, synthetic_dir):
-    spec = synthetic_spec(dtype=dtype, channels_last=False, data_dir=str(synthetic_dir), options={"subset": 128})
+def test_dtype_and_plain_nchw(dtype, synthetic_raw_dir):
+    spec = synthetic_spec(dtype=dtype, channels_last=False, data_dir=str(synthetic_raw_dir), options={"subset": 128})
     loader = build_loader("torch", spec)
     assert_loader_contract(loader, spec, 128, 100)
     images, _ = next(iter(loader))
