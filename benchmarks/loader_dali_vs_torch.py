@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders import LoaderSpec, build_loader  # noqa: E402
 from loaders.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from tools.bench.monitor import process_tree_cpu_seconds as cpu_seconds  # noqa: E402
 
 
 def sample_dir() -> Path:
@@ -63,18 +64,6 @@ def build_tree(root: Path, copies: int) -> int:
                 target.write_bytes((source / file).read_bytes())
             count += 1
     return count
-
-
-def cpu_seconds() -> float:
-    me = psutil.Process()
-    total = 0.0
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 class BareDali:

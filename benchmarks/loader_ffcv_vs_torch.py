@@ -22,7 +22,6 @@ of this process and its children are reported; ratios are within this one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,7 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loaders import LoaderSpec, build_loader  # noqa: E402
 from loaders.datasets import imagenet_samples  # noqa: E402
 from loaders.ffcv import import_backend  # noqa: E402
+from tools.bench.monitor import process_tree_cpu_seconds as cpu_seconds  # noqa: E402
+from train.files import write_json_atomic  # noqa: E402
 
 
 def sample_dir() -> Path:
@@ -122,19 +122,6 @@ class BareFfcv:
             yield from self.loader
         finally:
             torch.set_num_threads(threads)  # FFCV sets torch's (global) thread count from its epoch thread
-
-
-def cpu_seconds() -> float:
-    """CPU time (user + system) of this process and its live children (DataLoader workers)."""
-    me = psutil.Process()
-    total = 0.0
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def time_epoch(loader, epoch: int) -> tuple[float, float, float, int]:
@@ -237,10 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         print()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = args.out.with_suffix(".tmp")
-        tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp_out, args.out)
+        write_json_atomic(args.out, result)
     return result
 
 

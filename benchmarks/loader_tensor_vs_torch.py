@@ -15,7 +15,6 @@ machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,13 +23,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders import LoaderSpec, build_loader  # noqa: E402
 from loaders.datasets import synthetic_arrays  # noqa: E402
+from tools.bench.monitor import process_tree_cpu_seconds as cpu_seconds  # noqa: E402
+from train.files import write_json_atomic  # noqa: E402
 
 
 def write_arrays(root: Path, samples: int) -> None:
@@ -40,20 +40,6 @@ def write_arrays(root: Path, samples: int) -> None:
     folder.mkdir(parents=True)
     np.save(folder / "images.npy", images)
     np.save(folder / "labels.npy", labels)
-
-
-def cpu_seconds() -> float:
-    """CPU time (user + system) of this process and its live children (the DataLoader workers)."""
-    me = psutil.Process()
-    processes = [me, *me.children(recursive=True)]
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def time_epoch(loader, epoch: int, device: torch.device) -> tuple[float, float]:
@@ -133,10 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"gpu loader / torch best ({best}): {result['ratio_vs_best_torch']}x", end="")
     print(f"; / torch 2 workers: {result.get('ratio_vs_torch_2_workers')}x")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = args.out.with_suffix(".tmp")
-        tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp_out, args.out)
+        write_json_atomic(args.out, result)
     return result
 
 

@@ -18,6 +18,19 @@ from typing import Any
 import psutil
 
 
+def process_tree_cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its live children (DataLoader workers) right now."""
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:  # the worker exited between listing and reading
+            continue
+        total += times.user + times.system
+    return total
+
+
 def _gpu_utilisation_reader():
     """A function returning the GPU's utilisation in percent, or None where nothing can read it."""
     try:
