@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One GPU session, prepared to run unattended in a single call on a lent GPU machine (no internet; torch, cupy and
+# pytest already there; DALI carried as wheel parts by ../shared/gpu/stage-dali-wheels.sh into .gpuwheels/):
+#   1. install DALI from the parts, print what the machine has;
+#   2. the GPU tests (`pytest -m gpu`) and, at the same time, a short real `--loader dali` training run
+#      (ResNet-50 with divisive normalization, mixed decoding) on the repeated real ImageNet sample;
+#   3. the GPU benchmark matrix (loader-only and ResNet-50 AMP channels-last training against the compute-only
+#      upper bound), torch DataLoader vs DALI mixed, into $OUT.
+# Every step has its own time cap so one failure cannot eat the others' time; everything lands in $OUT.
+# Usage (repo root): OUT=/tmp/out IMAGENET_SAMPLE=.gpudata/imagenet-sample bash benchmarks/gpu/device_session.sh
+set -u
+OUT=${OUT:-/tmp/gpu-session}
+PY=${PY:-python3}
+COPIES=${COPIES:-100}
+BENCH_CAP=${BENCH_CAP:-220}
+TEST_CAP=${TEST_CAP:-150}
+MODEL=${MODEL:-resnet50}
+DALI_DEVICE=${DALI_DEVICE:-gpu}
+DEVICES=${DEVICES:-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/log.txt") 2>&1
+step() { echo "=== $(date +%T) $*"; }
+repo=$PWD
+work=${WORK:-/tmp/gpu-work}
+mkdir -p "$work"
+
+step machine
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+echo "cpus: $(nproc)"; $PY -V
+$PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
+
+step install DALI
+if ls .gpuwheels/part-* >/dev/null 2>&1 && ! $PY -c "import nvidia.dali" 2>/dev/null; then
+  cat .gpuwheels/part-* | tar -x -C .gpuwheels
+  $PY -m pip install -q --no-index --no-deps --no-compile .gpuwheels/*.whl 2>&1 | tail -3 || true
+  if ! $PY -c "import nvidia.dali" 2>/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target .gpusite .gpuwheels/*.whl 2>&1 | tail -3
+    export PYTHONPATH=$repo/.gpusite
+  fi
+fi
+$PY -c "import nvidia.dali as d, nvidia.dali.backend as b; print('dali', d.__version__, 'gpus', b.GetCUDADeviceCount())"
+export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
+
+step sample tree
+tree=$work/imagenet-tree
+$PY tools/benchmark.py --make-sample-tree "$tree" --copies "$COPIES" --val-copies 2 | tail -1
+
+step "GPU tests and a DALI training run, side by side"
+(timeout "$TEST_CAP" $PY -m pytest -m gpu -q -p no:cacheprovider --timeout 120 -o addopts=-ra \
+   --junitxml="$OUT/pytest-gpu.xml" >"$work/pytest.txt" 2>&1; echo "pytest exit $?" >>"$work/pytest.txt") &
+tests=$!
+timeout "$TEST_CAP" $PY -m train imagenet "$MODEL" gpu-dali-dn --loader dali --data-dir "$tree" --epochs 4 \
+  --overwrite data.batch_size=256 data.dali_device="$DALI_DEVICE" data.workers=8 model.divnorm_specs.type=ours \
+  model.zero_init_residual=true lr_scheduler.name=cosine lr_scheduler.t_max=4 \
+  logging.progress_bar=off logging.runs_dir="$work/runs" >"$work/train.txt" 2>&1
+echo "train exit $?" >>"$work/train.txt"
+wait $tests
+tail -40 "$work/pytest.txt"; tail -25 "$work/train.txt"
+
+step benchmark
+bench() {  # cap in seconds, name, then benchmark arguments
+  local cap=$1 name=$2; shift 2
+  timeout "$cap" $PY tools/benchmark.py --dataset imagenet --data "$tree" --devices "$DEVICES" --batch-sizes 256 \
+    --seconds 6 --windows 3 --warmup-seconds 3 --setting-timeout 90 --cache "$work/cache" --out "$work/bench/$name" "$@" \
+    2>&1 | grep -v "^\s*$" | tail -40
+}
+bench "$BENCH_CAP" resnet50 --loaders torch,dali --dali-devices gpu --workers 8,16 --mode both --model "$MODEL" --divnorm nonorm --tune
+bench 70 resnet50-dn --loaders dali --dali-devices gpu --workers 8 --mode train --model "$MODEL" --divnorm ours
+bench 45 dali-cpu --loaders dali --dali-devices cpu --workers 16 --mode loader
+
+step pack
+cp "$work/train.txt" "$work/pytest.txt" "$OUT/" 2>/dev/null
+find "$work/runs" -name summary.json -exec cp {} "$OUT/train-summary.json" \; 2>/dev/null
+tar -C "$work" -czf "$OUT/bench.tar.gz" bench 2>/dev/null
+ls -la "$OUT"
+step done
