@@ -12,8 +12,8 @@ set -u
 OUT=${OUT:-/tmp/gpu-session}
 PY=${PY:-python3}
 COPIES=${COPIES:-100}
-BENCH_CAP=${BENCH_CAP:-220}
-TEST_CAP=${TEST_CAP:-150}
+BENCH_CAP=${BENCH_CAP:-200}
+TEST_CAP=${TEST_CAP:-140}
 MODEL=${MODEL:-resnet50}
 DALI_DEVICE=${DALI_DEVICE:-gpu}
 DEVICES=${DEVICES:-gpu}
@@ -66,8 +66,8 @@ bench() {  # cap in seconds, name, then benchmark arguments
     2>&1 | grep -v "^\s*$" | tail -40
 }
 bench "$BENCH_CAP" resnet50 --loaders torch,dali --dali-devices gpu --workers 8,16 --mode both --model "$MODEL" --divnorm nonorm --tune
-bench 70 resnet50-dn --loaders dali --dali-devices gpu --workers 8 --mode train --model "$MODEL" --divnorm ours
-bench 45 dali-cpu --loaders dali --dali-devices cpu --workers 16 --mode loader
+bench 60 resnet50-dn --loaders dali --dali-devices gpu --workers 8 --mode train --model "$MODEL" --divnorm ours
+bench 40 dali-cpu --loaders dali --dali-devices cpu --workers 16 --mode loader
 
 step pack
 cp "$work/train.txt" "$work/pytest.txt" "$OUT/" 2>/dev/null
