@@ -470,7 +470,7 @@ def test_cuda_matches_cpu_channels_last(name):
     outputs = []
     for device, fmt in (("cpu", torch.contiguous_format), ("cuda", torch.channels_last)):
         layer.to(device).zero_grad()
-        xi = x.to(device).contiguous(memory_format=fmt).requires_grad_(True)
+        xi = x.detach().to(device).contiguous(memory_format=fmt).requires_grad_(True)  # never x itself
         y = layer(xi)
         y.backward(grad.to(device).contiguous(memory_format=fmt))
         outputs.append([t.detach().cpu() for t in (y, xi.grad, *[p.grad for p in layer.parameters()])])

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 1 verify failed, 2 error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C: the pool, the scratch files and FFCV's process group are cleaned up
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return run(args)
     except ConvertError as error:
@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (finished shards are kept)", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:  # an in-process caller (tests, the benchmark) gets its own handler back
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ TEST_CAP=${TEST_CAP:-140}
 MODEL=${MODEL:-resnet50}
 DALI_DEVICE=${DALI_DEVICE:-gpu}
 DEVICES=${DEVICES:-gpu}
+STEPS=${STEPS:-"tests train bench"}  # any of: tests train bench hwdec
+# PYTEST_K: a -k filter for the GPU tests; BENCH_ROOT: where benchmark folders go (default: packed into bench.tar.gz)
+has() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -47,31 +50,35 @@ tree=$work/imagenet-tree
 $PY tools/benchmark.py --make-sample-tree "$tree" --copies "$COPIES" --val-copies 2 | tail -1
 
 step "GPU tests and a DALI training run, side by side"
-(timeout "$TEST_CAP" $PY -m pytest -m gpu -q -p no:cacheprovider --timeout 120 -o addopts=-ra \
+tests=
+has tests && (timeout "$TEST_CAP" $PY -m pytest -m gpu -q -p no:cacheprovider --timeout 120 -o addopts=-ra ${PYTEST_K:+-k "$PYTEST_K"} \
    --junitxml="$OUT/pytest-gpu.xml" >"$work/pytest.txt" 2>&1; echo "pytest exit $?" >>"$work/pytest.txt") &
-tests=$!
-timeout "$TEST_CAP" $PY -m train imagenet "$MODEL" gpu-dali-dn --loader dali --data-dir "$tree" --epochs 4 \
+has tests && tests=$!
+has train && timeout "$TEST_CAP" $PY -m train imagenet "$MODEL" gpu-dali-dn --loader dali --data-dir "$tree" --epochs 4 \
   --overwrite data.batch_size=256 data.dali_device="$DALI_DEVICE" data.workers=8 model.divnorm_specs.type=ours \
   model.zero_init_residual=true lr_scheduler.name=cosine lr_scheduler.t_max=4 \
   logging.progress_bar=off logging.runs_dir="$work/runs" >"$work/train.txt" 2>&1
-echo "train exit $?" >>"$work/train.txt"
-wait $tests
-tail -40 "$work/pytest.txt"; tail -25 "$work/train.txt"
+has train && echo "train exit $?" >>"$work/train.txt"
+[ -n "$tests" ] && wait $tests
+has tests && tail -40 "$work/pytest.txt"; has train && tail -25 "$work/train.txt"
 
 step benchmark
 bench() {  # cap in seconds, name, then benchmark arguments
   local cap=$1 name=$2; shift 2
   timeout "$cap" $PY tools/benchmark.py --dataset imagenet --data "$tree" --devices "$DEVICES" --batch-sizes 256 \
-    --seconds 6 --windows 3 --warmup-seconds 3 --setting-timeout 90 --cache "$work/cache" --out "$work/bench/$name" "$@" \
+    --seconds 6 --windows 3 --warmup-seconds 3 --setting-timeout 90 --cache "$work/cache" --out "${BENCH_ROOT:-$work/bench}/$name" "$@" \
     2>&1 | grep -v "^\s*$" | tail -40
 }
-bench "$BENCH_CAP" resnet50 --loaders torch,dali --dali-devices gpu --workers 8,16 --mode both --model "$MODEL" --divnorm nonorm --tune
-bench 60 resnet50-dn --loaders dali --dali-devices gpu --workers 8 --mode train --model "$MODEL" --divnorm ours
-bench 40 dali-cpu --loaders dali --dali-devices cpu --workers 16 --mode loader
+has bench && bench "$BENCH_CAP" resnet50 --loaders torch,dali --dali-devices gpu --workers 8,16 --mode both --model "$MODEL" --divnorm nonorm --tune
+has bench && bench 60 resnet50-dn --loaders dali --dali-devices gpu --workers 8 --mode train --model "$MODEL" --divnorm ours
+has bench && bench 40 dali-cpu --loaders dali --dali-devices cpu --workers 16 --mode loader
+# the hardware JPEG decoder's share (data.hw_decoder_load): more on the NVJPG engines leaves more SMs to training
+has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 8 --mode both --model "$MODEL" \
+  --divnorm nonorm --option hw_decoder_load=1.0
 
 step pack
 cp "$work/train.txt" "$work/pytest.txt" "$OUT/" 2>/dev/null
 find "$work/runs" -name summary.json -exec cp {} "$OUT/train-summary.json" \; 2>/dev/null
-tar -C "$work" -czf "$OUT/bench.tar.gz" bench 2>/dev/null
+[ -d "$work/bench" ] && tar -C "$work" -czf "$OUT/bench.tar.gz" bench
 ls -la "$OUT"
 step done
