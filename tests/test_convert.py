@@ -339,6 +339,29 @@ def test_ffcv_worker_failure_fails_fast_instead_of_hanging(tree, tmp_path):
     assert not list(tmp_path.rglob("*.beton*"))
 
 
+@pytest.mark.timeout(60)
+def test_decode_worker_death_fails_fast_instead_of_hanging(tree, monkeypatch):
+    """A decode worker killed mid-chunk (OOM killer, a decoder crash) fails the conversion within seconds."""
+    from tools._convert import pool
+    from tools._convert.sources import ConvertError
+
+    real = pool.process_file
+    monkeypatch.setattr(pool, "process_file", lambda index: os._exit(9) if index == 20 else real(index))
+    paths = sorted(str(p) for p in (tree[0] / "train").rglob("*.JPEG"))[:48]
+    started = time.monotonic()
+    with pytest.raises(ConvertError, match="worker process died"):
+        list(pool.decode_files(paths, [0] * len(paths), 0, 2, None, 90, True))
+    assert time.monotonic() - started < 30
+    # the same pool, undisturbed and under a parent SIGTERM handler like convert.main's, finishes in order
+    monkeypatch.setattr(pool, "process_file", real)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        results = list(pool.decode_files(paths, [0] * len(paths), 0, 2, None, 90, False))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [r.index for r in results] == list(range(len(paths)))
+
+
 @pytest.mark.timeout(120)
 def test_strict_stops_and_names_the_file(tree, tmp_path):
     run = convert("imagenet", "--src", str(tree[0]), "--out", str(tmp_path), "--split", "train", "--format", "dali",

@@ -10,7 +10,10 @@ of a worker's decode); this keeps its share small, which is what lets 2 workers 
 
 Results arrive in source order (shards are written sequentially and deterministically whatever the number of
 workers), and at most ``4 x workers`` chunks are in flight, so a slow disk cannot make results pile up in
-memory.
+memory. The workers run in a ``concurrent.futures`` process pool: a worker that dies (killed for memory, a crash
+in a decoder) fails the conversion at once with a clear error instead of leaving the parent waiting for a result
+that never comes, and the pool shuts down by telling idle workers to exit (no signals, which a forked worker may
+miss). Workers get the default SIGTERM action back, whatever handler the parent installed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import collections
 import mmap
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import os
 import shutil
 import signal
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools._convert.images import BadImage, dali_payload, decode
+from tools._convert.sources import ConvertError
 
 KEY_DIGITS = 8
 PLACEHOLDER_KEY = "0" * KEY_DIGITS
@@ -73,6 +79,7 @@ def stamp_key(members: memoryview | bytearray, cls_header: int, key: bytes) -> N
 def _init(paths, labels, max_res: int | None, quality: int, payload: bool, scratch: str | None) -> None:
     _STATE.update(paths=paths, labels=labels, max_res=max_res, quality=quality, payload=payload, scratch=scratch)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool, no traceback per worker
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's unwinding handler: SIGTERM ends a worker now
 
 
 def process_file(index: int) -> Result:
@@ -171,15 +178,21 @@ def decode_files(
     context = multiprocessing.get_context("fork")
     scratch = _scratch_dir(Path(tempfile.gettempdir())) if want_payload else None
     initargs = (paths, labels, max_res, jpeg_quality, want_payload, scratch)
+    executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init, initargs=initargs)
     try:
-        with context.Pool(workers, initializer=_init, initargs=initargs) as pool:
-            pending: collections.deque = collections.deque()
-            for chunk in chunks:
-                pending.append(pool.apply_async(_work, (chunk,)))
-                if len(pending) >= 4 * workers:
-                    yield from _attach(*pending.popleft().get())
-            while pending:
-                yield from _attach(*pending.popleft().get())
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append(executor.submit(_work, chunk))
+            if len(pending) >= 4 * workers:
+                yield from _attach(*pending.popleft().result())
+        while pending:
+            yield from _attach(*pending.popleft().result())
+    except BrokenProcessPool as error:
+        raise ConvertError(
+            "a conversion worker process died (killed by the system, e.g. out of memory, or crashed in a decoder); "
+            "rerun the same command to resume, with fewer --workers if memory is short"
+        ) from error
     finally:
+        executor.shutdown(wait=True, cancel_futures=True)
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
