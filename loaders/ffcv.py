@@ -7,9 +7,11 @@ set) once, under ``<data_dir>/ffcv-cache`` or ``~/.cache/divnorm-trainer/ffcv``,
 
 Pipelines (see :mod:`loaders.ffcv_pipeline`): ImageNet train = ``RandomResizedCropRGBImageDecoder`` (``crop_scale``
 / ``crop_ratio``) + flip; validation = ``CenterCropRGBImageDecoder`` with ratio ``image_size / val_resize``; 32-px
-sets = raw pixels, pad-4 random crop + flip (``augment``). Normalization runs inside FFCV (before ``ToTensor`` on
-the CPU, FFCV issue #396; on the GPU after ``ToDevice``, with cupy) or with torch ops on the device when cupy is
-missing or the dtype is bfloat16.
+sets = raw pixels, pad-4 random crop + flip (``augment``). Normalization: for float32 channels-last CPU batches (the
+CPU default) FFCV yields uint8 and one numba pass normalizes it into the loader's own output buffer (a lookup
+table per channel; it also replaces the copy out of FFCV's reused buffer); other CPU dtypes use FFCV's
+``NormalizeImage`` before ``ToTensor`` (after it FFCV 1.0.2 hangs, issue #396); on the GPU it runs after
+``ToDevice`` with cupy, or with torch ops on the device when cupy is missing or the dtype is bfloat16.
 
 Order: evaluation reads rank ``r``'s samples ``r, r + W, ...`` in order; training on one process uses FFCV's
 QUASI_RANDOM order (``data.order`` = "random" selects the contract's :func:`loaders.base.epoch_permutation`
@@ -218,7 +220,12 @@ class FfcvLoader(Loader):
         self.normalize_in_torch = device.type == "cuda" and (
             spec.dtype == torch.bfloat16 or not pipeline_module.cupy_available()
         )
-        normalize_dtype = "uint8" if self.normalize_in_torch else ffcv_dtype
+        # float32 channels-last on the CPU (the CPU training default): FFCV hands over uint8 and one numba pass
+        # normalizes it straight into our own output buffer (no float32 pass in FFCV, no float32 copy after it)
+        self.normalize_on_host = (
+            device.type == "cpu" and spec.dtype == torch.float32 and spec.channels_last and not self.resize_to
+        )
+        normalize_dtype = "uint8" if self.normalize_in_torch or self.normalize_on_host else ffcv_dtype
         stat = beton.stat()
         self.config = pipeline_module.PipelineConfig(
             beton=str(beton.resolve()),
@@ -249,6 +256,8 @@ class FfcvLoader(Loader):
         self._mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(info.std, device=device).view(1, 3, 1, 1) * 255.0
         self._outputs = OutputPool()
+        self._normalize_into = pipeline_module.normalize_into
+        self._table = pipeline_module.normalize_table(self.config.mean, self.config.std)
         self.setup_seconds = time.perf_counter() - started
         self.warmup_seconds: float | None = None  # first batch of the first epoch (includes compilation if first)
         self.compile_seconds: float = 0.0  # the part of warm-up this loader paid for compiling its pipeline
@@ -330,6 +339,11 @@ class FfcvLoader(Loader):
                     size = (self.resize_to, self.resize_to)
                     images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
                 images = images.to(dtype=spec.dtype, memory_format=memory_format)
+            elif self.normalize_on_host:
+                output = self._outputs.take(images.shape, torch.float32, memory_format)
+                if not self._normalize_into(images, self._table, output):  # an unexpected layout: torch ops
+                    output.copy_(images).sub_(self._mean).div_(self._std)
+                images = output
             elif images.device.type == "cpu":
                 output = self._outputs.take(images.shape, spec.dtype, memory_format)
                 images = output.copy_(images)  # dtype cast (float32 -> bfloat16) and layout in the same pass
