@@ -247,3 +247,15 @@ def test_loader_auto_reads_the_tuned_file_or_falls_back(tmp_path):
     assert resolve_loader_name(config, "synthetic", messages.append) == "gpu"  # no synthetic entry: fallback
     config = load_config("imagenet", "alexnet", ["data.gpu=true"])
     assert resolve_loader_name(config, "imagenet", messages.append) == "dali"  # the original's GPU switch
+
+
+def test_every_loader_option_is_a_config_key():
+    """Each ``spec.option("key")`` a loader reads must be settable: a key of configs/defaults.json's data section."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    data = json.loads((repo / "configs" / "defaults.json").read_text())["data"]
+    read = {key for path in (repo / "loaders").glob("*.py") for key in re.findall(r'option\("(\w+)"', path.read_text())}
+    assert read, "no loader options found: the pattern no longer matches the loaders' code"
+    assert sorted(read - set(data)) == []
