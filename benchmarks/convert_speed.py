@@ -25,30 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import imagenet_sample_dir, imagenet_sample_rows  # noqa: E402
+from tools.bench.data import make_sample_tree  # noqa: E402
 from train.files import write_json_atomic, write_text_atomic  # noqa: E402
 
 CPU = re.compile(r"cpu: main process ([\d.]+) s, worker processes ([\d.]+) s")
 LINE = re.compile(r"\| ([\d.]+) s \| ([\d.]+) images/s \| ([\d.]+) MB/s")
-
-
-def build_tree(root: Path, copies: int) -> int:
-    """``root/train/<wnid>/<copy>_<file>`` for every sample image; returns the number of files."""
-    if root.exists():
-        shutil.rmtree(root)
-    src = imagenet_sample_dir()
-    count = 0
-    for row in imagenet_sample_rows():
-        folder = root / "train" / row["wnid"]
-        folder.mkdir(parents=True, exist_ok=True)
-        for copy in range(copies):
-            target = folder / f"{copy:03d}_{row['file']}"
-            try:
-                os.link(src / row["file"], target)
-            except OSError:
-                shutil.copyfile(src / row["file"], target)
-            count += 1
-    return count
 
 
 def convert(src: Path, out: Path, fmt: str, workers: int, extra: list[str]) -> dict:
@@ -85,7 +66,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "convert")
     args = parser.parse_args()
     src = args.work / "src"
-    files = build_tree(src, args.copies)
+    shutil.rmtree(src, ignore_errors=True)
+    files, _ = make_sample_tree(src, args.copies, val_copies=0, link=True)
     settings = {
         "dali": ("dali", ["--shard-size", "256MiB"]),
         "dali --max-res 256": ("dali", ["--max-res", "256"]),

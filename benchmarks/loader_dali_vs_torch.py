@@ -35,35 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders import LoaderSpec, build_loader  # noqa: E402
 from loaders.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from tools.bench.data import make_sample_tree  # noqa: E402
 from tools.bench.monitor import process_tree_cpu_seconds as cpu_seconds  # noqa: E402
-
-
-def sample_dir() -> Path:
-    for candidate in (
-        os.environ.get("IMAGENET_SAMPLE"),
-        Path(__file__).resolve().parents[2] / "shared/data/imagenet-sample",
-    ):
-        if candidate and (Path(candidate) / "LABELS.tsv").is_file():
-            return Path(candidate)
-    raise SystemExit("the ImageNet sample is missing: set IMAGENET_SAMPLE to its folder")
-
-
-def build_tree(root: Path, copies: int) -> int:
-    """root/train/<wnid>/<copy>_<file>: every sample JPEG ``copies`` times (hard links, else copies)."""
-    source = sample_dir()
-    rows = [line.split("\t") for line in (source / "LABELS.tsv").read_text().splitlines()[1:] if line.strip()]
-    count = 0
-    for file, wnid, *_ in rows:
-        folder = root / "train" / wnid
-        folder.mkdir(parents=True, exist_ok=True)
-        for k in range(copies):
-            target = folder / f"{k:03d}_{file}"
-            try:
-                os.link(source / file, target)
-            except OSError:
-                target.write_bytes((source / file).read_bytes())
-            count += 1
-    return count
 
 
 class BareDali:
@@ -126,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="dali-bench-") as tmp:
         root = Path(tmp)
-        files = build_tree(root, args.copies)
+        files, _ = make_sample_tree(root, args.copies, val_copies=0, link=True)
         loaders = {}
         for name in args.loaders.split(","):
             if name == "dali-bare":

@@ -38,35 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loaders import LoaderSpec, build_loader  # noqa: E402
 from loaders.datasets import imagenet_samples  # noqa: E402
 from loaders.ffcv import import_backend  # noqa: E402
+from tools.bench.data import make_sample_tree  # noqa: E402
 from tools.bench.monitor import process_tree_cpu_seconds as cpu_seconds  # noqa: E402
 from train.files import write_json_atomic  # noqa: E402
-
-
-def sample_dir() -> Path:
-    beside = Path(__file__).resolve().parents[2] / "shared/data/imagenet-sample"
-    for candidate in (os.environ.get("IMAGENET_SAMPLE"), beside, "/work/shared/data/imagenet-sample"):
-        if candidate and (Path(candidate) / "LABELS.tsv").is_file():
-            return Path(candidate)
-    raise SystemExit("the ImageNet sample is missing: set IMAGENET_SAMPLE to the folder with LABELS.tsv")
-
-
-def build_tree(root: Path, copies: int) -> None:
-    """``root/train/<wnid>/<k>-<file>``: every sample JPEG ``copies`` times (hard links, copies if not possible)."""
-    import csv
-    import shutil
-
-    src = sample_dir()
-    with open(src / "LABELS.tsv") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    for row in rows:
-        folder = root / "train" / row["wnid"]
-        folder.mkdir(parents=True, exist_ok=True)
-        for k in range(copies):
-            target = folder / f"{k:03d}-{row['file']}"
-            try:
-                os.link(src / row["file"], target)
-            except OSError:
-                shutil.copyfile(src / row["file"], target)
 
 
 def write_ffcv(tree: Path, out: Path, max_res: int, write_mode: str, workers: int) -> Path:
@@ -81,7 +55,7 @@ def write_ffcv(tree: Path, out: Path, max_res: int, write_mode: str, workers: in
     decoded: dict[str, np.ndarray] = {}
     samples = []
     for path, label in zip(paths, labels):
-        name = Path(path).name.split("-", 1)[1]  # copies share one decode
+        name = Path(path).stem.rsplit("_", 1)[0]  # <stem>_<k>.JPEG: copies share one decode
         if name not in decoded:
             decoded[name] = resizer(np.asarray(Image.open(path).convert("RGB")), max_res)
         samples.append((decoded[name], label))
@@ -155,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="ffcv-bench-") as tmp:
         tmp = Path(tmp)
-        build_tree(tmp / "tree", args.copies)
+        make_sample_tree(tmp / "tree", args.copies, val_copies=0, link=True)
         started = time.perf_counter()
         beton = write_ffcv(tmp / "tree", tmp / "out", args.max_res, args.write_mode, args.workers)
         write_seconds = time.perf_counter() - started

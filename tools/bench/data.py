@@ -148,12 +148,21 @@ def prepare_data(dataset: str, data: str | None, loaders: list[str], cache: Path
     return plan
 
 
-def make_sample_tree(dest: Path, copies: int, source: Path, val_copies: int = 1) -> tuple[int, int]:
-    """An ImageFolder tree of the real ImageNet sample repeated ``copies`` times in train/ (``val_copies`` in val/).
+def make_sample_tree(
+    dest: Path, copies: int, source: Path | None = None, val_copies: int = 1, link: bool = False
+) -> tuple[int, int]:
+    """An ImageFolder tree of the real ImageNet sample repeated ``copies`` times in train/ (``val_copies`` in val/,
+    none when 0).
 
-    Files are real copies (``<stem>_<k>.JPEG``), so reading them costs what reading distinct files costs.
+    Files are ``<stem>_<k>.JPEG``: real copies by default, so reading them costs what reading distinct files costs;
+    hard links with ``link`` (where the file system allows), for benchmarks that only need many file names.
+    ``source`` defaults to the sample the tests use (``IMAGENET_SAMPLE`` or ``../shared/data/imagenet-sample``).
     Returns (train files, val files).
     """
+    if source is None:
+        from tests.conftest import imagenet_sample_dir
+
+        source = imagenet_sample_dir()
     labels = source / "LABELS.tsv"
     if not labels.is_file():
         raise SystemExit(f"benchmark: {source} is not the ImageNet sample (no LABELS.tsv)")
@@ -162,14 +171,24 @@ def make_sample_tree(dest: Path, copies: int, source: Path, val_copies: int = 1)
     counts = []
     for split, n in (("train", copies), ("val", val_copies)):
         total = 0
-        for row in rows:
+        for row in rows if n else ():
             folder = dest / split / row["wnid"]
             folder.mkdir(parents=True, exist_ok=True)
             stem, suffix = os.path.splitext(row["file"])
             for k in range(n):
                 target = folder / f"{stem}_{k:03d}{suffix}"
                 if not target.exists():
-                    shutil.copyfile(source / row["file"], target)
+                    _place(source / row["file"], target, link)
                 total += 1
         counts.append(total)
     return counts[0], counts[1]
+
+
+def _place(source: Path, target: Path, link: bool) -> None:
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass  # another file system, or links not allowed: copy
+    shutil.copyfile(source, target)
