@@ -271,11 +271,7 @@ def finish(result: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.make_sample_tree is not None:
-        from tests.conftest import imagenet_sample_dir
-
-        train, val = bench_data.make_sample_tree(
-            args.make_sample_tree, args.copies, imagenet_sample_dir(), args.val_copies
-        )
+        train, val = bench_data.make_sample_tree(args.make_sample_tree, args.copies, val_copies=args.val_copies)
         print(f"benchmark: {args.make_sample_tree}: {train} train and {val} val images")
         return 0
     if args.rebuild:  # after a crash or an edit of the report code: no measurement
