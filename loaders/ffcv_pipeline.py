@@ -124,7 +124,7 @@ def normalize_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     return ((levels - np.asarray(mean, np.float64)[:, None]) / np.asarray(std, np.float64)[:, None]).astype(np.float32)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True)  # no cache=True: a read-only install would fail at import; compiling takes ~0.3 s
 def _normalize_nhwc(src, table, dst):  # pragma: no cover - numba-compiled
     for i in range(src.shape[0]):
         for y in range(src.shape[1]):
