@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per loader (median reported)")
     parser.add_argument("--no-bare", action="store_true", help="skip FFCV's own Loader (saves one compilation)")
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="a data option of the ffcv loader"
+    )
     args = parser.parse_args(argv)
     torch_workers = [int(w) for w in args.torch_workers.split(",") if w.strip()]
 
@@ -136,8 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         def spec(name: str, workers: int) -> LoaderSpec:
             data_dir = tmp / ("out" if name == "ffcv" else "tree")
+            options = dict(item.split("=", 1) for item in args.option) if name == "ffcv" else {}
             return LoaderSpec("imagenet", "train", args.batch_size, True, data_dir=str(data_dir), workers=workers,
-                              image_size=args.image_size)  # fmt: skip
+                              image_size=args.image_size, options=options)  # fmt: skip
 
         loaders: dict = {}
         warmup: dict[str, dict] = {}
