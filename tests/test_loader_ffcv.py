@@ -301,3 +301,24 @@ def test_short_training_run_with_ffcv_learns(synthetic_dir, tmp_path):
     losses = [e["train"]["loss"] for e in epochs]
     assert losses[-1] < losses[0] - 0.5, losses  # chance level is ln(100) = 4.6; measured 5.1 -> 3.6
     assert epochs[-1]["val"]["top1"] > 5.0 and epochs[-1]["val"]["loss"] < epochs[0]["val"]["loss"], epochs
+
+
+# ------------------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])  # FFCV's cupy NormalizeImage / torch ops on the GPU
+def test_cuda_eval_batches_match_cpu(synthetic_dir, dtype):
+    labels = array_dataset("synthetic", "val")[1]
+    cpu = build_loader("ffcv", spec_for("synthetic", "val", 96, False, synthetic_dir))
+    spec = spec_for("synthetic", "val", 96, False, synthetic_dir, device=torch.device("cuda"), dtype=dtype)
+    cuda = build_loader("ffcv", spec)
+    assert_loader_contract(cuda, spec, len(labels), 100)
+    (x0, y0), (x1, y1) = collect_epoch(cpu), collect_epoch(cuda)
+    images = torch.cat(x1)
+    assert images.device.type == "cuda" and images.dtype == dtype
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(torch.cat(y0), torch.cat(y1).cpu())
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(images.float().cpu(), torch.cat(x0), atol=tolerance, rtol=tolerance)

@@ -8,6 +8,7 @@
 #      upper bound), torch DataLoader vs DALI mixed, into $OUT.
 # Every step has its own time cap so one failure cannot eat the others' time; everything lands in $OUT.
 # Usage (repo root): OUT=/tmp/out IMAGENET_SAMPLE=.gpudata/imagenet-sample bash benchmarks/gpu/device_session.sh
+# FFCV: run benchmarks/gpu/stage-ffcv.sh here first and carry .gpuffcv (~27 MB) in the call; STEPS="... ffcv".
 set -u
 OUT=${OUT:-/tmp/gpu-session}
 PY=${PY:-python3}
@@ -17,7 +18,7 @@ TEST_CAP=${TEST_CAP:-140}
 MODEL=${MODEL:-resnet50}
 DALI_DEVICE=${DALI_DEVICE:-gpu}
 DEVICES=${DEVICES:-gpu}
-STEPS=${STEPS:-"tests train bench"}  # any of: tests train bench hwdec
+STEPS=${STEPS:-"tests train bench"}  # any of: tests train bench hwdec ffcv
 # PYTEST_K: a -k filter for the GPU tests; BENCH_ROOT: where benchmark folders go (default: packed into bench.tar.gz)
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
@@ -44,6 +45,12 @@ if ls .gpuwheels/part-* >/dev/null 2>&1 && ! $PY -c "import nvidia.dali" 2>/dev/
 fi
 $PY -c "import nvidia.dali as d, nvidia.dali.backend as b; print('dali', d.__version__, 'gpus', b.GetCUDADeviceCount())"
 export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
+
+step "FFCV (when staged by benchmarks/gpu/stage-ffcv.sh)"
+if [ -d .gpuffcv/site ] && $PY -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then  # built for 3.12
+  export PYTHONPATH=$PYTHONPATH:$repo/.gpuffcv/site
+fi
+$PY -c "import ffcv; print('ffcv', ffcv.__version__)" 2>&1 | tail -1
 
 step sample tree
 tree=$work/imagenet-tree
@@ -72,6 +79,8 @@ bench() {  # cap in seconds, name, then benchmark arguments
 has bench && bench "$BENCH_CAP" resnet50 --loaders torch,dali --dali-devices gpu --workers 8,16 --mode both --model "$MODEL" --divnorm nonorm --tune
 has bench && bench 60 resnet50-dn --loaders dali --dali-devices gpu --workers 8 --mode train --model "$MODEL" --divnorm ours
 has bench && bench 40 dali-cpu --loaders dali --dali-devices cpu --workers 16 --mode loader
+# FFCV (issue 6): decoding on the CPU, normalization on the GPU (cupy), ResNet-50 against its upper bound
+has ffcv && bench 240 resnet50-ffcv --loaders ffcv --workers 8,16 --mode both --model "$MODEL" --divnorm nonorm
 # the hardware JPEG decoder's share (data.hw_decoder_load): more on the NVJPG engines leaves more SMs to training
 has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 8 --mode both --model "$MODEL" \
   --divnorm nonorm --option hw_decoder_load=1.0
