@@ -18,7 +18,7 @@ TEST_CAP=${TEST_CAP:-140}
 MODEL=${MODEL:-resnet50}
 DALI_DEVICE=${DALI_DEVICE:-gpu}
 DEVICES=${DEVICES:-gpu}
-STEPS=${STEPS:-"tests train bench"}  # any of: tests train bench hwdec ffcv
+STEPS=${STEPS:-"tests train bench"}  # any of: tests train bench hwdec ffcv dn
 # PYTEST_K: a -k filter for the GPU tests; BENCH_ROOT: where benchmark folders go (default: packed into bench.tar.gz)
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
@@ -81,6 +81,9 @@ has bench && bench 60 resnet50-dn --loaders dali --dali-devices gpu --workers 8 
 has bench && bench 40 dali-cpu --loaders dali --dali-devices cpu --workers 16 --mode loader
 # FFCV (issue 6): decoding on the CPU, normalization on the GPU (cupy), ResNet-50 against its upper bound
 has ffcv && bench 240 resnet50-ffcv --loaders ffcv --workers 8,16 --mode both --model "$MODEL" --divnorm nonorm
+# divisive normalization's GPU cost (2.8x in eager mode on the H200): eager vs torch.compile, DN and no DN
+has dn && bench 300 resnet50-dn-compile --loaders dali --dali-devices gpu --workers 8 --mode train --model "$MODEL" \
+  --divnorm nonorm,ours --compile
 # the hardware JPEG decoder's share (data.hw_decoder_load): more on the NVJPG engines leaves more SMs to training
 has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 8 --mode both --model "$MODEL" \
   --divnorm nonorm --option hw_decoder_load=1.0
