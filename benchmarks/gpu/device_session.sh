@@ -83,7 +83,7 @@ has bench && bench 40 dali-cpu --loaders dali --dali-devices cpu --workers 16 --
 has ffcv && bench 240 resnet50-ffcv --loaders ffcv --workers 8,16 --mode both --model "$MODEL" --divnorm nonorm
 # divisive normalization's GPU cost (2.8x in eager mode on the H200): eager vs torch.compile, DN and no DN
 has dn && bench 300 resnet50-dn-compile --loaders dali --dali-devices gpu --workers 8 --mode train --model "$MODEL" \
-  --divnorm nonorm,ours --compile
+  --divnorm nonorm,ours --compile --setting-timeout 240  # compiling ResNet-50 takes a minute or more
 # the hardware JPEG decoder's share (data.hw_decoder_load): more on the NVJPG engines leaves more SMs to training
 has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 8 --mode both --model "$MODEL" \
   --divnorm nonorm --option hw_decoder_load=1.0
