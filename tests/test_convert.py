@@ -25,6 +25,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from loaders.ffcv_import import import_ffcv
 from tests.conftest import REPO, build_imagefolder, imagenet_sample_rows
 from tools._convert.images import FFCV_MIN_SIDE, BadImage, decode, fit_within, jpeg_frame
 
@@ -129,11 +130,10 @@ def dali_read(split_dir: Path) -> tuple[list[np.ndarray], list[int]]:
 
 def ffcv_read(beton: Path) -> tuple[list[np.ndarray], list[int], list[int]]:
     """(pixels, labels, modes) of every sample, read with FFCV's Reader and decoded by its own libffcv imdecode."""
-    threads = torch.get_num_threads()
+    import_ffcv()  # keeps torch's thread count
     from ffcv.libffcv import imdecode
     from ffcv.reader import Reader
 
-    torch.set_num_threads(threads)  # import ffcv sets it to 1
     reader = Reader(str(beton))
     meta = reader.metadata
     image_col = meta[f"f{reader.field_names.index('image')}"]

@@ -22,11 +22,15 @@ import loaders
 from loaders import build_loader
 from loaders.base import LoaderError, LoaderSpec, shard_indices
 from loaders.datasets import array_dataset, dataset_info, imagenet_samples
+from loaders.ffcv_import import import_ffcv
 from tests.conftest import REPO
 from tests.contract import assert_loader_contract, collect_epoch
 
-ffcv = pytest.importorskip("ffcv", reason="FFCV not installed (bash tools/setup.sh)")
-torch.set_num_threads(max(1, torch.get_num_threads()))  # `import ffcv` set it to 1: keep the machine's count
+_THREADS = torch.get_num_threads()
+try:
+    ffcv = import_ffcv()  # what the loader uses: restores torch's thread count
+except ImportError:
+    pytest.skip("FFCV not installed (bash tools/setup.sh)", allow_module_level=True)
 
 from loaders.ffcv_pipeline import FfcvWorkerError  # noqa: E402 - after the FFCV check
 from loaders.ffcv_writer import BetonWriteError, write_beton  # noqa: E402
@@ -53,6 +57,24 @@ def imagenet_ffcv(imagenet_tree, tmp_path_factory) -> Path:
                str(out), "--format", "ffcv", "--workers", "2"]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     return out
+
+
+def test_import_ffcv_keeps_threads_and_changes_only_the_mode_table():
+    """The fast import: torch's thread count survives, FFCV's mode table is a plain dict with FFCV's values, and
+    no other module kept the stand-in for numba's typed Dict. Checked in a fresh process (this one imported FFCV)."""
+    code = (
+        "import sys, torch, numba.typed; torch.set_num_threads(2)\n"
+        "from loaders.ffcv_import import import_ffcv\n"
+        "import_ffcv()\n"
+        "import ffcv.fields.rgb_image as r, ffcv.memory_managers.base as m\n"
+        "assert torch.get_num_threads() == 2, torch.get_num_threads()\n"
+        "assert type(r.IMAGE_MODES) is dict and r.IMAGE_MODES == {'jpg': 0, 'raw': 1}, r.IMAGE_MODES\n"
+        "assert numba.typed.Dict is not dict and m.Dict is numba.typed.Dict\n"
+        "leaks = [n for n, x in list(sys.modules.items()) if getattr(x, 'Dict', None) is dict and n != r.__name__]\n"
+        "assert not leaks, leaks\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+    assert torch.get_num_threads() == _THREADS
 
 
 # ------------------------------------------------------------------------------------------- 32-px data sets

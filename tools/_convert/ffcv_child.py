@@ -110,13 +110,9 @@ def _cmdline(process) -> list[str]:
 
 
 def _import_ffcv():
-    import torch
+    from loaders.ffcv_import import import_ffcv
 
-    threads = torch.get_num_threads()
-    import ffcv  # noqa: F401  (sets torch's thread count to 1)
-
-    torch.set_num_threads(threads)
-    return ffcv
+    return import_ffcv()
 
 
 def _seed_proportion(seed: int) -> None:
