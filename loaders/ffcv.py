@@ -45,15 +45,9 @@ import torch.nn.functional as F
 from loaders.arrays import load_split_arrays, subset_size
 from loaders.base import Loader, LoaderError, LoaderSpec, samples_per_rank, shard_indices
 from loaders.datasets import check_split, dataset_info
-from loaders.ffcv_import import import_ffcv
+from loaders.ffcv_import import INSTALL_HINT, import_ffcv
 from loaders.transforms import batch_threads
 
-INSTALL_HINT = (
-    "FFCV is not installed or cannot load its system libraries ({error}). Install it with `bash tools/setup.sh` "
-    "(Debian: needs root for pkg-config g++ libopencv-dev libturbojpeg0-dev), or by hand: "
-    "`sudo apt-get install pkg-config g++ libopencv-dev libturbojpeg0-dev && "
-    ".venv/bin/pip install --no-deps -r requirements/lock-ffcv.txt`. Every other --loader works without it."
-)
 AUGMENTS = ("standard", "original", "none")
 ORDERS = ("auto", "quasi_random", "random")
 

@@ -16,6 +16,13 @@ from __future__ import annotations
 
 import sys
 
+INSTALL_HINT = (
+    "FFCV is not installed or cannot load its system libraries ({error}). Install it with `bash tools/setup.sh` "
+    "(Debian: needs root for pkg-config g++ libopencv-dev libturbojpeg0-dev), or by hand: "
+    "`sudo apt-get install pkg-config g++ libopencv-dev libturbojpeg0-dev && "
+    ".venv/bin/pip install --no-deps -r requirements/lock-ffcv.txt`. Every other --loader works without it."
+)
+
 
 def import_ffcv():
     """Import and return the ``ffcv`` package (ImportError when it is not installed or cannot load)."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -23,11 +25,14 @@ from collections.abc import Mapping
 from multiprocessing import Process, Queue, Value
 from pathlib import Path
 from queue import Empty
+from typing import Any
 
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.base import Field
+from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.memory_allocator import MemoryAllocator
+from ffcv.utils import align_to_page
 from ffcv.writer import DatasetWriter
 
 from loaders.base import LoaderError
@@ -39,6 +44,140 @@ CACHE_FORMAT = 1  # bump when the cached .beton layout changes
 
 class BetonWriteError(LoaderError):
     """A worker of FFCV's writer failed; the message carries its exception."""
+
+
+JPG, RAW = IMAGE_MODES["jpg"], IMAGE_MODES["raw"]  # FFCV's image storage modes (0, 1)
+
+
+@dataclasses.dataclass
+class EncodedImage:
+    """An image already in its stored form: a JPEG (``mode == JPG``) or raw uint8 HWC RGB pixels (``mode == RAW``),
+    exactly the bytes ``RGBImageField.encode`` would store for it. ``data`` may be left out (``None``) when
+    someone else writes the bytes (see :meth:`OrderedBetonWriter.add`); ``nbytes`` is their length."""
+
+    mode: int
+    height: int
+    width: int
+    nbytes: int
+    data: memoryview | bytes | np.ndarray | None = None
+
+
+class OrderedBetonWriter(DatasetWriter):
+    """FFCV's ``DatasetWriter`` filled by the calling process, one sample after another, in order.
+
+    The file is FFCV's own: ``prepare()`` writes the header and field descriptors, the sample data is laid out in
+    pages by FFCV's allocator rules (a sample never straddles a page; a page is padded with zeros), ``finalize()``
+    writes the metadata and the allocation table. What differs is who fills it: instead of forking workers that
+    each call the fields' ``encode`` and race for pages, the caller hands samples to :meth:`add` in order. Images
+    may come as :class:`EncodedImage` (decoded, resized and JPEG-encoded elsewhere, e.g. by the conversion tool's
+    worker pool) with the metadata ``RGBImageField.encode`` would write; any other value goes through its field's
+    ``encode``. One writer in a fixed order makes the bytes independent of how many processes prepared the
+    samples, and there is no FFCV worker that could die and leave the writer waiting.
+
+    The bytes of an :class:`EncodedImage` without ``data`` are not written here: :meth:`add` returns where they
+    go, and the caller writes them into the file (``os.pwrite``; several processes may do so at once) before the
+    writer closes. Padding is left as holes, which read as the zeros FFCV writes.
+
+    ``capacity`` bounds the number of samples (their metadata space is reserved before the data region); the
+    header records how many :meth:`add` wrote, so samples found unusable on the way simply are not added.
+    """
+
+    def __init__(self, fname: str, fields: Mapping[str, Field], *, capacity: int, page_size: int) -> None:
+        super().__init__(fname, fields, page_size=page_size, num_workers=1)
+        self.capacity, self.count = int(capacity), 0
+        self.allocations: list[tuple[int, int, int]] = []  # (sample, file offset, size), FFCV's allocation table
+        self.page, self.page_used = -1, 0
+        self.fd = -1
+
+    def __enter__(self) -> OrderedBetonWriter:
+        self.num_samples = self.capacity
+        self.prepare()
+        self.metadata = np.frombuffer(self.metadata_sm.buf, dtype=self.metadata_type)
+        self.data_start = align_to_page(self.data_region_start, self.page_size)
+        self.fd = os.open(self.fname, os.O_WRONLY)
+        return self
+
+    def add(self, sample: tuple) -> list[tuple[int, int]]:
+        """Append one sample (a value per field, in the fields' order); returns ``[(file offset, size)]`` of the
+        image data this call did not write (from :class:`EncodedImage` values without ``data``)."""
+        if self.count >= self.capacity:
+            raise BetonWriteError(f"{self.fname}: more than the {self.capacity} samples it was opened for")
+        for attempt in range(2):  # FFCV's rule: a sample whose data overflows its page restarts on a fresh page
+            pending: list[tuple[tuple[int, int], Any]] = []
+            malloc = functools.partial(self._malloc, pending=pending)
+            try:
+                for name, field, value in zip(self.metadata_type.names, self.fields.values(), sample):
+                    destination = self.metadata[name][self.count : self.count + 1]
+                    if isinstance(value, EncodedImage):
+                        pending.append((self._store_encoded(destination, value), value.data))
+                    else:
+                        field.encode(destination, value, malloc)
+                break
+            except MemoryError:
+                if attempt:
+                    raise
+        external = []
+        for (ptr, size), data in pending:
+            if data is None:
+                external.append((ptr, size))
+            else:
+                _pwrite_all(self.fd, data, ptr)
+        self.count += 1
+        return external
+
+    def _store_encoded(self, destination: np.ndarray, image: EncodedImage) -> tuple[int, int]:
+        """The metadata the tail of ``RGBImageField.encode`` stores for an image it has encoded; its allocation."""
+        if image.mode not in (JPG, RAW):
+            raise BetonWriteError(f"unknown FFCV image mode {image.mode}")
+        if image.data is not None and len(memoryview(image.data).cast("B")) != image.nbytes:
+            raise BetonWriteError(f"image data of {len(memoryview(image.data).cast('B'))} bytes, said {image.nbytes}")
+        if image.mode == RAW and image.nbytes != image.height * image.width * 3:
+            raise BetonWriteError(f"raw image of {image.height}x{image.width}x3 pixels given {image.nbytes} bytes")
+        destination["mode"] = image.mode
+        destination["height"], destination["width"] = image.height, image.width
+        destination["data_ptr"] = ptr = self._allocate(image.nbytes)
+        return ptr, image.nbytes
+
+    def _malloc(self, size: int, pending: list) -> tuple[int, np.ndarray]:
+        """A field's ``malloc``: (file offset, buffer the field fills), written by :meth:`add`."""
+        buffer = np.zeros(size, np.uint8)
+        pending.append(((self._allocate(size), size), buffer))
+        return pending[-1][0][0], buffer
+
+    def _allocate(self, size: int) -> int:
+        """FFCV's ``MemoryAllocator.malloc`` for one writer: the file offset of ``size`` bytes for this sample."""
+        if size > self.page_size:
+            raise BetonWriteError(f"a sample of {size} bytes does not fit FFCV's {self.page_size}-byte page")
+        if self.page < 0 or size > self.page_size - self.page_used:
+            self.page, self.page_used = self.page + 1, 0
+            earlier = [a for a in self.allocations if a[0] == self.count]
+            if earlier:  # part of this sample sits on the previous page: drop it, the sample restarts here
+                del self.allocations[-len(earlier) :]
+                raise MemoryError("sample does not fit the rest of the page")
+        ptr = self.data_start + self.page * self.page_size + self.page_used
+        self.page_used += size
+        self.allocations.append((self.count, ptr, size))
+        return ptr
+
+    def __exit__(self, error_type, error, trace) -> None:
+        try:
+            if error_type is None:
+                # FFCV writes whole pages: the file ends with the last page (its padding a hole of zeros)
+                os.ftruncate(self.fd, self.data_start + (self.page + 1) * self.page_size)
+                self.header["num_samples"] = self.count
+                self.finalize(self.allocations)
+        finally:
+            os.close(self.fd)
+            del self.metadata
+            self.metadata_sm.close()
+            self.metadata_sm.unlink()
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:  # one pwrite() may store less than asked
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _guarded_worker(errors: Queue, work_fn, *args) -> None:

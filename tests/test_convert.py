@@ -327,16 +327,58 @@ def test_kill_minus_9_then_rerun_matches_uninterrupted(tree, converted, tmp_path
 
 
 @pytest.mark.timeout(180)
-def test_ffcv_worker_failure_fails_fast_instead_of_hanging(tree, tmp_path):
-    env = dict(os.environ, DIVNORM_CONVERT_FAULT="raise:5")
+@pytest.mark.parametrize("fault", ["raise", "kill"])
+def test_ffcv_worker_failure_fails_fast_instead_of_hanging(tree, tmp_path, fault):
+    """A worker that raises or is killed while preparing FFCV samples: a clear error within seconds, nothing that
+    looks finished."""
+    env = dict(os.environ, DIVNORM_CONVERT_FAULT=f"{fault}:5")
     started = time.monotonic()
     run = convert("imagenet", "--src", str(tree[0]), "--out", str(tmp_path), "--split", "train", "--format", "ffcv",
                   "--subset", "16", "--write-mode", "raw", "--workers", "2", env=env, timeout=150)  # fmt: skip
     assert run.returncode == 2, run.stderr
-    assert "FFCV worker process" in run.stderr and "died" in run.stderr, run.stderr
-    assert time.monotonic() - started < 120
+    want = "planted fault at source file 5" if fault == "raise" else "worker process died"
+    assert run.stderr.startswith("error: ") and want in run.stderr, run.stderr
+    assert time.monotonic() - started < 60
     assert sorted(p.name for p in (tmp_path / "ffcv").iterdir()) == [".convert-state"], "nothing may look finished"
     assert not list(tmp_path.rglob("*.beton*"))
+
+
+@pytest.mark.timeout(180)
+def test_ffcv_bytes_do_not_depend_on_the_worker_count(tree, converted, tmp_path):
+    """One writer in source order: the .beton written by 1 worker is byte-identical to the 2-worker reference."""
+    run = convert(
+        "imagenet", "--src", str(tree[0]), "--out", str(tmp_path), "--split", "train", "--format", "ffcv",
+        "--max-res", str(MAX_RES), "--write-mode", "proportion", "--workers", "1",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "ffcv" / "train.beton").read_bytes() == (converted / "ffcv" / "train.beton").read_bytes()
+    got = json.loads((tmp_path / "ffcv" / "manifest.json").read_text())
+    want = json.loads((converted / "ffcv" / "manifest.json").read_text())
+    assert got["files"] == want["files"] and got["skipped"] == want["skipped"]
+
+
+@pytest.mark.timeout(180)
+def test_ffcv_without_max_res_sizes_pages_for_the_largest_image(tmp_path):
+    """``--max-res 0`` keeps every picture whole: a size pass finds the largest, FFCV's pages grow to hold it,
+    and the raw samples come back exactly."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src" / "train" / "n0001"
+    src.mkdir(parents=True)
+    pictures = {"a.JPEG": (1800, 1200), "b.JPEG": (40, 30), "c.JPEG": (300, 200)}  # 1800x1200 raw: 6.5 MB
+    for name, (width, height) in pictures.items():
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)).save(src / name, quality=90)
+    run = convert("imagenet", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--split", "train",
+                  "--format", "ffcv", "--max-res", "0", "--write-mode", "raw", "--workers", "2")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    beton = tmp_path / "out" / "ffcv" / "train.beton"
+    import_ffcv()
+    from ffcv.reader import Reader
+
+    assert Reader(str(beton)).page_size == 16 << 20  # a JPEG of it may take up to 2x raw: 13 MB, next power of 2
+    images, labels, modes = ffcv_read(beton)
+    assert labels == [0, 0, 0] and modes == [1, 1, 1]
+    for name, got in zip(sorted(pictures), images):
+        assert np.array_equal(got, np.asarray(Image.open(src / name).convert("RGB"))), name
 
 
 @pytest.mark.timeout(60)
@@ -350,13 +392,13 @@ def test_decode_worker_death_fails_fast_instead_of_hanging(tree, monkeypatch):
     paths = sorted(str(p) for p in (tree[0] / "train").rglob("*.JPEG"))[:48]
     started = time.monotonic()
     with pytest.raises(ConvertError, match="worker process died"):
-        list(pool.decode_files(paths, [0] * len(paths), 0, 2, None, 90, True))
+        list(pool.decode_files(paths, [0] * len(paths), 0, 2, pool.Payload("dali", None, 90)))
     assert time.monotonic() - started < 30
     # the same pool, undisturbed and under a parent SIGTERM handler like convert.main's, finishes in order
     monkeypatch.setattr(pool, "process_file", real)
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        results = list(pool.decode_files(paths, [0] * len(paths), 0, 2, None, 90, False))
+        results = list(pool.decode_files(paths, [0] * len(paths), 0, 2, None))
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert [r.index for r in results] == list(range(len(paths)))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import loaders
 from loaders import build_loader
@@ -75,6 +76,49 @@ def test_import_ffcv_keeps_threads_and_changes_only_the_mode_table():
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
     assert torch.get_num_threads() == _THREADS
+
+
+@pytest.mark.timeout(120)
+def test_ordered_writer_matches_ffcvs_own_writer_byte_for_byte(tmp_path):
+    """OrderedBetonWriter (what tools/convert.py fills) against FFCV's DatasetWriter on the same samples: the same
+    file, byte for byte, whether images go through RGBImageField.encode here (raw) or arrive pre-encoded with only
+    their place returned, the bytes written by another hand (JPEG, encoded by tools/_convert/images like FFCV
+    does). Sizes are mixed so that samples overflow FFCV's 2 MiB minimum page several times."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.rgb_image import encode_jpeg
+    from ffcv.writer import DatasetWriter
+
+    from loaders.ffcv_writer import JPG, EncodedImage, OrderedBetonWriter
+    from tools._convert.images import Decoded, ffcv_image
+
+    rng = np.random.default_rng(3)
+    sizes = [(int(h), int(w)) for h, w in rng.integers(8, 400, (40, 2))] + [(600, 500), (1, 2000)]
+    images = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in sizes[:-1]] + [np.zeros((8, 2000, 3), np.uint8)]
+    labels = list(range(len(images)))
+    page = 2 << 20
+
+    def fields(mode: str) -> dict:
+        return {"image": RGBImageField(write_mode=mode, jpeg_quality=90), "label": IntField()}
+
+    for mode in ("raw", "jpg"):
+        theirs, ours = tmp_path / f"ffcv-{mode}.beton", tmp_path / f"ours-{mode}.beton"
+        DatasetWriter(str(theirs), fields(mode), page_size=page, num_workers=1).from_indexed_dataset(
+            list(zip(images, labels)), chunksize=7
+        )
+        with OrderedBetonWriter(str(ours), fields(mode), capacity=len(images) + 3, page_size=page) as writer:
+            for image, label in zip(images, labels):
+                if mode == "raw":
+                    assert writer.add((image, label)) == []
+                    continue
+                stored = ffcv_image(Decoded(Image.fromarray(image), False, False, image.shape[1::-1]), 0, "jpg",
+                                    0.5, 90, 0)[2]  # fmt: skip
+                assert np.array_equal(stored, encode_jpeg(image, 90)), "not the JPEG FFCV would store"
+                encoded = EncodedImage(JPG, image.shape[0], image.shape[1], stored.nbytes)
+                [(offset, size)] = writer.add((encoded, label))
+                with open(ours, "r+b") as f:
+                    f.seek(offset)
+                    f.write(stored.tobytes())
+        assert ours.read_bytes() == theirs.read_bytes(), mode
 
 
 # ------------------------------------------------------------------------------------------- 32-px data sets

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from tools._convert import TOOL_VERSION, files
 from tools._convert.dali_writer import SplitResult, write_array_split, write_webdataset_split
 from tools._convert.ffcv_writer import current_record, result_from_record, write_ffcv_split
+from tools._convert.images import stored_pixels
 from tools._convert.pool import decode_files
 from tools._convert.sources import ConvertError, SplitSource, load_sources
 from tools._convert.verify import verify_format
@@ -107,19 +108,15 @@ def ffcv_settings(args: argparse.Namespace, source: SplitSource) -> dict:
     }
 
 
-def validate(source: SplitSource, args: argparse.Namespace) -> tuple[list[dict], int]:
-    """FFCV-only runs: decode every file once in the pool, so FFCV's writer only ever sees good samples."""
-    skipped, max_pixels = [], 0
-    with _bar(len(source), f"check {source.split}") as bar:
-        for item in decode_files(source.paths, source.labels, 0, args.workers, None, args.jpeg_quality, False):
+def largest_stored(source: SplitSource, args: argparse.Namespace) -> int:
+    """FFCV without a max resolution: decode every file once to find the largest picture (it sizes the pages)."""
+    largest = 0
+    with _bar(len(source), f"size {source.split}") as bar:
+        for item in decode_files(source.paths, source.labels, 0, args.workers, None):
             bar.update(1)
             if item.reason is None:
-                max_pixels = max(max_pixels, item.width * item.height)
-            elif args.strict:
-                raise ConvertError(f"{source.paths[item.index]}: {item.reason} (--strict stops here)")
-            else:
-                skipped.append({"index": item.index, "path": source.relpaths[item.index], "reason": item.reason})
-    return skipped, max_pixels
+                largest = max(largest, stored_pixels(item.width, item.height))
+    return largest
 
 
 def convert_split(source: SplitSource, args: argparse.Namespace, formats: list[str]) -> dict[str, SplitResult]:
@@ -143,18 +140,18 @@ def convert_split(source: SplitSource, args: argparse.Namespace, formats: list[s
         if record is not None:
             results["ffcv"] = result_from_record(record, source.split)
         else:
-            if source.images is not None:
-                skipped, max_pixels = [], 32 * 32
+            if source.images is not None or settings["max_res"]:
+                max_pixels = 0  # the max resolution bounds the pictures (in-memory sets: 32 px)
             elif "dali" in results:
-                skipped, max_pixels = results["dali"].skipped, results["dali"].max_pixels
+                max_pixels = results["dali"].max_pixels
             else:
-                skipped, max_pixels = validate(source, args)
-            with _bar(len(source) - len(skipped), f"ffcv {source.split}") as bar:
+                max_pixels = largest_stored(source, args)
+            with _bar(len(source), f"ffcv {source.split}") as bar:
                 results["ffcv"] = write_ffcv_split(
-                    source, folder, settings, skipped=skipped, max_pixels=max_pixels, workers=args.workers,
-                    stall_timeout=args.stall_timeout, progress=bar.update,
+                    source, folder, settings, max_pixels=max_pixels, workers=args.workers, strict=args.strict,
+                    progress=bar.update,
                 )  # fmt: skip
-        results["ffcv"].seconds = time.monotonic() - started  # includes the FFCV-only decode pass
+        results["ffcv"].seconds = time.monotonic() - started  # includes a size pass when there is no max_res
     return results
 
 

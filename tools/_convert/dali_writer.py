@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from tools._convert import files
-from tools._convert.pool import KEY_DIGITS, Result, decode_files, stamp_key
+from tools._convert.images import stored_pixels
+from tools._convert.pool import KEY_DIGITS, Payload, Result, decode_files, stamp_key
 from tools._convert.sources import ConvertError, SplitSource
 
 STATE_DIR = ".convert-state"
@@ -46,7 +47,7 @@ class SplitResult:
     files: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"index", "path", "reason"}
     reencoded: int = 0
-    max_pixels: int = 0  # largest width * height of a kept sample, before any resize
+    max_pixels: int = 0  # largest picture of a kept sample before any resize, in pixels FFCV would store
     written_bytes: int = 0  # bytes written by this run (kept files excluded)
     seconds: float = 0.0  # time this run spent on the split
     startup_seconds: float = 0.0  # of which starting FFCV's child process (importing ffcv: ~10 s of one core)
@@ -70,9 +71,9 @@ class TarShardWriter:
 
     def add(self, key: str, item: Result) -> None:
         """Append a sample whose members a worker built (see :mod:`tools._convert.pool`) under ``key``."""
-        stamp_key(item.members, item.cls_header, key.encode("ascii"))
+        stamp_key(item.data, item.cls_header, key.encode("ascii"))
         base = self.size
-        self._write(item.members)
+        self._write(item.data)
         self.samples.append(
             [
                 ("jpg", base + _BLOCK, item.jpg_size, f"{key}.jpg"),
@@ -161,9 +162,8 @@ def write_webdataset_split(
     number, key, start = len(kept), result.count, position
     shard: TarShardWriter | None = None
     pending = SplitResult()  # what the open shard holds
-    results = decode_files(
-        source.paths, source.labels, position, workers, settings["max_res"], settings["jpeg_quality"], True
-    )
+    payload = Payload("dali", settings["max_res"], settings["jpeg_quality"])
+    results = decode_files(source.paths, source.labels, position, workers, payload)
     try:
         for item in results:
             progress(1)
@@ -181,7 +181,7 @@ def write_webdataset_split(
             pending.count += 1
             pending.per_class[label] += 1
             pending.reencoded += item.reencoded
-            pending.max_pixels = max(pending.max_pixels, item.width * item.height)
+            pending.max_pixels = max(pending.max_pixels, stored_pixels(item.width, item.height))
             if shard.size >= shard_size:
                 record = _close(shard, number, start, item.index + 1, False, pending, source, settings, state_dir)
                 _add_record(result, record, split_dir, out, written=True)

@@ -1,20 +1,27 @@
-"""FFCV outputs: one ``<split>.beton`` per split, written by FFCV's ``DatasetWriter`` in a watched child process.
+"""FFCV outputs: one ``<split>.beton`` per split, filled in order by this process, its images prepared in parallel.
 
-The child (:mod:`tools._convert.ffcv_child`) runs in its own session. This side reads its progress lines, drives
-the progress bar, and fails with a clear message instead of hanging when the child exits with an error, when
-one of FFCV's workers dies (the child reports that within a fraction of a second), or when no progress arrives
-for ``stall_timeout`` seconds; the whole process group is killed on the way out, and the half-written
-``.beton.tmp`` is deleted. Resume works per split: a state record (``.convert-state/<split>.json``) with the
-file's checksum, the settings and the source fingerprint lets a rerun keep a finished ``.beton``.
+The worker pool (:mod:`tools._convert.pool`, payload ``"ffcv"``) decodes each source file once, validates it,
+shrinks it to the max resolution and encodes it as FFCV's ``RGBImageField`` stores it (raw pixels or an OpenCV
+JPEG, raw-or-JPEG chosen per sample in proportion mode). This process copies those bytes, in source order, into
+the file through FFCV's ``DatasetWriter`` machinery (:class:`loaders.ffcv_writer.OrderedBetonWriter`: FFCV's
+header, field descriptors, page allocator and metadata / allocation table). So every file is decoded once (the
+previous design validated in one pass and let FFCV's writer decode again), no FFCV writer process exists that
+could die and leave the writer waiting forever (a dead or failing pool worker is a clear error at once), and the
+bytes of a ``.beton`` are the same whatever the number of workers.
 
-FFCV's writer lays out pages in the order its workers finish them, so with more than one worker the bytes of a
-``.beton`` differ between runs (same samples, order, labels and pixels); with ``--workers 1`` they are identical.
+``import ffcv`` (about 2 s, most of it torch) happens after the pool has started, so the workers decode meanwhile.
+The file is written under a temporary name and renamed when complete. Resume works per split: a state record
+(``.convert-state/<split>.json``) with the file's checksum, the settings and the source fingerprint lets a rerun
+keep a finished ``.beton``. ``--verify`` reads every sample back with FFCV's real ``Loader`` in a watched child
+process (:mod:`tools._convert.ffcv_child`).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -26,12 +33,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from tools._convert import files
 from tools._convert.dali_writer import STATE_DIR, SplitResult
+from tools._convert.images import stored_pixels
+from tools._convert.pool import DecodePool, Payload
 from tools._convert.sources import ConvertError, SplitSource
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,61 +137,116 @@ def write_ffcv_split(
     out: Path,
     settings: dict,
     *,
-    skipped: list[dict[str, Any]],
     max_pixels: int,
     workers: int,
-    stall_timeout: float,
+    strict: bool,
     progress: Callable[[int], None],
 ) -> SplitResult:
-    """Write ``out/<split>.beton`` from the samples of ``source`` that the decode pass did not skip."""
+    """Write ``out/<split>.beton`` from every usable sample of ``source``.
+
+    ``max_pixels``: the largest stored picture, in pixels, when no max resolution bounds it (it sizes FFCV's
+    pages); ignored otherwise.
+    """
+    if importlib.util.find_spec("ffcv") is None:
+        raise ConvertError(_install_hint("no module named 'ffcv'"))
     beton = out / f"{source.split}.beton"
     state = out / STATE_DIR / f"{source.split}.json"
-    workdir = out / STATE_DIR / f"work-{source.split}"
+    tmp = files.tmp_path(beton)
     files.remove_quietly(state)
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    bad = {item["index"] for item in skipped}
-    keep = [i for i in range(len(source)) if i not in bad]
-    if not keep:
-        raise ConvertError(f"{source.split}: every source file was skipped; nothing to write")
-    labels = np.asarray(source.labels, np.int64)[keep]
-    np.save(workdir / "labels.npy", labels)
-    spec: dict[str, Any] = {"mode": "write", "labels": str(workdir / "labels.npy")}
-    spec["output"] = str(files.tmp_path(beton))
-    if source.images is not None:
-        np.save(workdir / "images.npy", source.images[keep])
-        spec.update(images=str(workdir / "images.npy"), max_res=None, write_mode="raw", page_size=MIN_PAGE)
-    else:
-        with open(workdir / "paths.txt", "w") as f:
-            f.writelines(source.paths[i] + "\n" for i in keep)
-        max_res = settings["max_res"]
-        pixels = min(max_pixels, max_res * max_res) if max_res else max_pixels  # largest sample after the resize
-        spec.update(paths=str(workdir / "paths.txt"), max_res=max_res, write_mode=settings["write_mode"])
-        spec["page_size"] = page_size_for(pixels)
-    spec.update(
-        jpeg_quality=settings["jpeg_quality"], compress_prob=settings["compress_prob"], workers=workers, seed=42
-    )
-    files.remove_quietly(spec["output"])
-    try:
-        child = run_child(spec, workdir, len(keep), progress, stall_timeout)
-        files.finish(spec["output"], beton)
-    finally:
-        files.remove_quietly(spec["output"])
-        shutil.rmtree(workdir, ignore_errors=True)
-    per_class = Counter(labels.tolist())
+    files.remove_quietly(tmp)
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    result, skipped = SplitResult(), []
+    with contextlib.ExitStack() as stack:
+        stack.callback(files.remove_quietly, tmp)
+        if source.images is None:
+            max_res = settings["max_res"]
+            # pages fit the largest possible sample: the same page size (and bytes) whatever else was converted
+            page_size = page_size_for(stored_pixels(max_res, max_res) if max_res else max_pixels)
+            payload = Payload("ffcv", max_res, settings["jpeg_quality"], settings["write_mode"],
+                              settings["compress_prob"])  # fmt: skip
+            pool = stack.enter_context(DecodePool(source.paths, source.labels, 0, workers, payload))
+            chunks = pool.chunks()
+            chunks = itertools.chain([next(chunks)], chunks)  # the pool is running: import FFCV meanwhile
+        else:
+            page_size, pool, chunks = MIN_PAGE, None, None
+        started = time.monotonic()
+        ffcv_writer = _import_writer()
+        import_seconds = time.monotonic() - started
+        modes = {"jpg": ffcv_writer.JPG, "raw": ffcv_writer.RAW}
+        with ffcv_writer.OrderedBetonWriter(str(tmp), _fields(ffcv_writer, settings), capacity=len(source),
+                                            page_size=page_size) as writer:  # fmt: skip
+            if pool is None:
+                for image, label in zip(source.images, source.labels):
+                    pixels = np.ascontiguousarray(image, dtype=np.uint8)
+                    height, width = pixels.shape[:2]
+                    writer.add((ffcv_writer.EncodedImage(modes["raw"], height, width, pixels.nbytes, pixels), label))
+                    result.per_class[int(label)] += 1
+                    progress(1)
+            else:
+                for chunk, scratch in chunks:
+                    moves = []
+                    for item in chunk:
+                        if item.reason is not None:
+                            if strict:
+                                raise ConvertError(f"{source.paths[item.index]}: {item.reason} (--strict stops here)")
+                            skipped.append(
+                                {"index": item.index, "path": source.relpaths[item.index], "reason": item.reason}
+                            )
+                            continue
+                        label = int(source.labels[item.index])
+                        image = ffcv_writer.EncodedImage(
+                            modes[item.mode], item.stored_height, item.stored_width, item.nbytes
+                        )
+                        moves += [(item.offset, size, ptr) for ptr, size in writer.add((image, label))]
+                        result.per_class[label] += 1
+                    pool.write_out(scratch, moves, str(tmp))  # a worker copies the chunk into place
+                    progress(len(chunk))
+                pool.wait_writes()
+            if not writer.count:
+                raise ConvertError(f"{source.split}: every source file was skipped; nothing to write")
+        files.finish(tmp, beton)
     record = {
         "settings": settings,
         "fingerprint": source.fingerprint(),
         "file": {"bytes": beton.stat().st_size, "sha256": files.sha256_file(beton)},
-        "count": len(keep),
-        "per_class": {str(k): v for k, v in sorted(per_class.items())},
+        "count": sum(result.per_class.values()),
+        "per_class": {str(k): v for k, v in sorted(result.per_class.items())},
         "skipped": skipped,
     }
     files.write_json_atomic(state, record)
     result = result_from_record(record, source.split)
     result.written_bytes = record["file"]["bytes"]
-    result.startup_seconds = child["import_seconds"]
+    result.startup_seconds = import_seconds
     return result
+
+
+def _install_hint(error) -> str:
+    from loaders.ffcv_import import INSTALL_HINT
+
+    return INSTALL_HINT.format(error=error).replace("Every other --loader", "--format dali")
+
+
+def _import_writer():
+    """:mod:`loaders.ffcv_writer` (imports FFCV the fast way), or a ConvertError saying how to install FFCV."""
+    try:
+        from loaders.ffcv_import import import_ffcv
+
+        import_ffcv()
+        from loaders import ffcv_writer
+    except ImportError as error:
+        raise ConvertError(_install_hint(error)) from error
+    return ffcv_writer
+
+
+def _fields(ffcv_writer, settings: dict) -> dict:
+    """The .beton's fields, as FFCV's RGBImageField / IntField describe them in the file."""
+    image = ffcv_writer.RGBImageField(
+        write_mode=settings["write_mode"],
+        max_resolution=settings["max_res"],
+        jpeg_quality=settings["jpeg_quality"],
+        compress_probability=settings["compress_prob"],
+    )
+    return {"image": image, "label": ffcv_writer.IntField()}
 
 
 def verify_beton(beton: Path, workers: int, stall_timeout: float, progress: Callable[[int], None]) -> dict:

@@ -159,6 +159,47 @@ def dali_payload(data: bytes, decoded: Decoded, quality: int) -> tuple[bytes, bo
 FFCV_MIN_SIDE = 8
 
 
+def ffcv_image(
+    decoded: Decoded, index: int, write_mode: str, compress_prob: float, quality: int, seed: int
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """(mode, pixels, stored bytes) of a source image in a .beton: what ``RGBImageField.encode`` stores for it.
+
+    ``pixels`` is :func:`rgb_array` of the decoded picture (already shrunk to the max resolution, so FFCV's own
+    resize would leave it alone). ``write_mode="proportion"`` stores a JPEG with probability ``compress_prob``,
+    drawn from a generator seeded by ``(seed, index)``: the choice depends on the sample, not on which worker
+    took it or what came before. JPEGs are encoded the way FFCV encodes them (OpenCV, the given quality); raw
+    samples are the pixels' bytes. ``stored`` is a flat uint8 array.
+    """
+    pixels = rgb_array(decoded)
+    if write_mode == "proportion":
+        mode = "jpg" if np.random.default_rng([seed, index]).random() < compress_prob else "raw"
+    elif write_mode in ("jpg", "raw"):
+        mode = write_mode
+    else:
+        raise ValueError(f"unknown FFCV write mode {write_mode!r}")
+    if mode == "raw":
+        return mode, pixels, pixels.reshape(-1)
+    cv2 = _opencv()
+    ok, stored = cv2.imencode(".jpg", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise BadImage(f"OpenCV could not encode a {pixels.shape[1]}x{pixels.shape[0]} JPEG")
+    return mode, pixels, stored.reshape(-1)
+
+
+def _opencv():
+    """OpenCV (installed with FFCV), one thread: each conversion worker is one core already."""
+    import cv2
+
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+    return cv2
+
+
+def stored_pixels(width: int, height: int) -> int:
+    """Pixels FFCV stores for a picture of this size (:func:`rgb_array` enlarges sides under FFCV_MIN_SIDE)."""
+    return max(width, FFCV_MIN_SIDE) * max(height, FFCV_MIN_SIDE)
+
+
 def rgb_array(decoded: Decoded, min_side: int = FFCV_MIN_SIDE) -> np.ndarray:
     """The decoded picture as a C-contiguous uint8 (H, W, 3) array (what FFCV's RGBImageField takes).
 
