@@ -204,11 +204,11 @@ def write_ffcv_split(
                 pool.wait_writes()
             if not writer.count:
                 raise ConvertError(f"{source.split}: every source file was skipped; nothing to write")
-        files.finish(tmp, beton)
+        checksum = files.finish_hashed(tmp, beton)
     record = {
         "settings": settings,
         "fingerprint": source.fingerprint(),
-        "file": {"bytes": beton.stat().st_size, "sha256": files.sha256_file(beton)},
+        "file": checksum,
         "count": sum(result.per_class.values()),
         "per_class": {str(k): v for k, v in sorted(result.per_class.items())},
         "skipped": skipped,
