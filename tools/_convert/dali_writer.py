@@ -20,6 +20,7 @@ the whole split is one memory-mappable array, the fastest thing for a DALI ``ext
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import numpy as np
 
 from tools._convert import files
 from tools._convert.images import stored_pixels
-from tools._convert.pool import KEY_DIGITS, Payload, Result, decode_files, stamp_key
+from tools._convert.pool import KEY_DIGITS, DecodePool, Payload, Result, mapped, stamp_key
 from tools._convert.sources import ConvertError, SplitSource
 
 STATE_DIR = ".convert-state"
@@ -54,51 +55,42 @@ class SplitResult:
 
 
 class TarShardWriter:
-    """One webdataset tar shard, written under a temporary name with a running sha256."""
+    """One webdataset tar shard under a temporary name. This process lays it out (where each sample's members go,
+    the index); the pool's workers copy the members' bytes into place (:meth:`DecodePool.write_out`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.tmp = files.tmp_path(path)
-        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed by close() / abort()
-        self.digest = hashlib.sha256()
+        self.tmp.write_bytes(b"")  # the workers open it for writing
         self.size = 0
         self.samples: list[list[tuple[str, int, int, str]]] = []
 
-    def _write(self, data: bytes) -> None:
-        self.file.write(data)
-        self.digest.update(data)
-        self.size += len(data)
-
-    def add(self, key: str, item: Result) -> None:
-        """Append a sample whose members a worker built (see :mod:`tools._convert.pool`) under ``key``."""
-        stamp_key(item.data, item.cls_header, key.encode("ascii"))
+    def place(self, key: str, item: Result) -> int:
+        """Reserve room for a sample's members (already stamped with ``key``); the offset they go to."""
         base = self.size
-        self._write(item.data)
+        self.size += item.nbytes
         self.samples.append(
             [
                 ("jpg", base + _BLOCK, item.jpg_size, f"{key}.jpg"),
                 ("cls", base + item.cls_header + _BLOCK, item.cls_size, f"{key}.cls"),
             ]
         )
+        return base
 
     def close(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Finish the archive, rename it into place, write its index; return (tar record, idx record)."""
+        """Finish the archive (end blocks and record padding: zeros), flush it and rename it into place while
+        hashing it, write its index; return (tar record, idx record). Every member must be written by now."""
         end = self.size + 2 * _BLOCK
-        self._write(b"\0" * (2 * _BLOCK + (-end) % _RECORD))
-        self.file.flush()
-        self.file.close()
-        files.finish(self.tmp, self.path)
+        os.truncate(self.tmp, end + (-end) % _RECORD)
+        tar_record = files.finish_hashed(self.tmp, self.path)
         lines = [f"v1.2 {len(self.samples)}"]
         lines += [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in sample) for sample in self.samples]
         index = ("\n".join(lines) + "\n").encode()
-        idx_path = self.path.with_suffix(".idx")
-        files.write_bytes_atomic(idx_path, index)
-        tar_record = {"bytes": self.size, "sha256": self.digest.hexdigest()}
+        files.write_bytes_atomic(self.path.with_suffix(".idx"), index)
         idx_record = {"bytes": len(index), "sha256": hashlib.sha256(index).hexdigest()}
         return tar_record, idx_record
 
     def abort(self) -> None:
-        self.file.close()
         files.remove_quietly(self.tmp)
 
 
@@ -162,39 +154,54 @@ def write_webdataset_split(
     number, key, start = len(kept), result.count, position
     shard: TarShardWriter | None = None
     pending = SplitResult()  # what the open shard holds
+    full: list[tuple] = []  # shards complete in the current chunk, closed once its bytes are written
     payload = Payload("dali", settings["max_res"], settings["jpeg_quality"])
-    results = decode_files(source.paths, source.labels, position, workers, payload)
     try:
-        for item in results:
-            progress(1)
-            if item.reason is not None:
-                if strict:
-                    raise ConvertError(f"{source.paths[item.index]}: {item.reason} (--strict stops here)")
-                entry = {"index": item.index, "path": source.relpaths[item.index], "reason": item.reason}
-                pending.skipped.append(entry)
-                continue
-            if shard is None:
-                shard = TarShardWriter(split_dir / f"{_shard_name(number)}.tar")
-            label = source.labels[item.index]
-            shard.add(f"{key:0{KEY_DIGITS}d}", item)
-            key += 1
-            pending.count += 1
-            pending.per_class[label] += 1
-            pending.reencoded += item.reencoded
-            pending.max_pixels = max(pending.max_pixels, stored_pixels(item.width, item.height))
-            if shard.size >= shard_size:
-                record = _close(shard, number, start, item.index + 1, False, pending, source, settings, state_dir)
-                _add_record(result, record, split_dir, out, written=True)
-                shard, pending, number, start = None, SplitResult(), number + 1, item.index + 1
-    except BaseException:
+        with DecodePool(source.paths, source.labels, position, workers, payload) as pool:
+            for chunk, scratch in pool.chunks():
+                targets: dict[str, list[tuple[int, int, int]]] = {}
+                with mapped(scratch) as view:
+                    for item in chunk:
+                        progress(1)
+                        if item.reason is not None:
+                            if strict:
+                                raise ConvertError(f"{source.paths[item.index]}: {item.reason} (--strict stops here)")
+                            entry = {"index": item.index, "path": source.relpaths[item.index], "reason": item.reason}
+                            pending.skipped.append(entry)
+                            continue
+                        if shard is None:
+                            shard = TarShardWriter(split_dir / f"{_shard_name(number)}.tar")
+                        name = f"{key:0{KEY_DIGITS}d}"
+                        with view[item.offset : item.offset + item.nbytes] as members:
+                            stamp_key(members, item.cls_header, name.encode("ascii"))
+                        moves = targets.setdefault(str(shard.tmp), [])
+                        moves.append((item.offset, item.nbytes, shard.place(name, item)))
+                        key += 1
+                        label = source.labels[item.index]
+                        pending.count += 1
+                        pending.per_class[label] += 1
+                        pending.reencoded += item.reencoded
+                        pending.max_pixels = max(pending.max_pixels, stored_pixels(item.width, item.height))
+                        if shard.size >= shard_size:
+                            full.append((shard, number, start, item.index + 1, False, pending))
+                            shard, pending, number, start = None, SplitResult(), number + 1, item.index + 1
+                pool.write_out(scratch, list(targets.items()))  # a worker copies the chunk's members into place
+                if full:
+                    pool.wait_writes()
+                    while full:
+                        record = _close(*full[0], source, settings, state_dir)
+                        full.pop(0)
+                        _add_record(result, record, split_dir, out, written=True)
+            pool.wait_writes()
         if shard is not None:
-            shard.abort()
-        raise
-    if shard is not None:
-        record = _close(shard, number, start, len(source), True, pending, source, settings, state_dir)
-        _add_record(result, record, split_dir, out, written=True)
-    else:  # trailing skipped files after the last shard: nothing to write, but they are reported
-        result.skipped.extend(pending.skipped)
+            record = _close(shard, number, start, len(source), True, pending, source, settings, state_dir)
+            shard = None
+            _add_record(result, record, split_dir, out, written=True)
+        else:  # trailing skipped files after the last shard: nothing to write, but they are reported
+            result.skipped.extend(pending.skipped)
+    finally:
+        for unfinished in [entry[0] for entry in full] + ([shard] if shard is not None else []):
+            unfinished.abort()
     return result
 
 

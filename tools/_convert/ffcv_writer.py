@@ -199,7 +199,7 @@ def write_ffcv_split(
                         )
                         moves += [(item.offset, size, ptr) for ptr, size in writer.add((image, label))]
                         result.per_class[label] += 1
-                    pool.write_out(scratch, moves, str(tmp))  # a worker copies the chunk into place
+                    pool.write_out(scratch, [(str(tmp), moves)])  # a worker copies the chunk into place
                     progress(len(chunk))
                 pool.wait_writes()
             if not writer.count:

@@ -29,6 +29,7 @@ processes source file ``i`` raise or SIGKILL itself.
 from __future__ import annotations
 
 import collections
+import contextlib
 import mmap
 import multiprocessing
 import os
@@ -127,14 +128,16 @@ def process_file(index: int) -> Result:
         return Result(index, reason=f"unreadable ({error.strerror or error})")
     payload: Payload | None = _STATE["payload"]
     try:
-        # without a payload to build this is a validation pass: no resize needed, the size is reported as is
-        decoded = decode(data, payload.max_res if payload else None)
+        # without a payload to build this is a validation pass: no resize needed, the size is reported as is;
+        # only FFCV needs the pixels of every file (a DALI shard keeps a plain JPEG's bytes)
+        ffcv = payload is not None and payload.kind == "ffcv"
+        decoded = decode(data, payload.max_res if payload else None, pixels=ffcv)
     except BadImage as error:
         return Result(index, reason=str(error))
     width, height = decoded.source_size
     if payload is None:
         return Result(index, width=width, height=height)
-    if payload.kind == "ffcv":
+    if ffcv:
         mode, pixels, stored = ffcv_image(decoded, index, payload.write_mode, payload.compress_prob,
                                           payload.jpeg_quality, payload.seed)  # fmt: skip
         return Result(index, width=width, height=height, data=stored, nbytes=len(stored), mode=mode,
@@ -212,23 +215,39 @@ def _outcome(future) -> Any:
         raise ConvertError(f"a conversion worker failed: {type(error).__name__}: {error}") from error
 
 
-def _write_out(scratch: str, moves: list[tuple[int, int, int]], target: str) -> int:
-    """Copy payload bytes from a chunk's scratch file into ``target``: ``(scratch offset, size, target offset)``
-    each; then delete the scratch file. Runs in a worker, so the output's writes (page-cache allocation costs
-    ~3 ms of kernel time per MB on the 2-core VM) are spread over the pool instead of serialising the parent."""
+def _write_out(scratch: str, targets: list[tuple[str, list[tuple[int, int, int]]]]) -> int:
+    """Copy payload bytes from a chunk's scratch file into output files, then delete the scratch file. ``targets``:
+    ``(path, [(scratch offset, size, file offset), ...])`` per output file. Runs in a worker, so the output's writes
+    (allocating page cache costs ~3 ms of kernel time per MB on the 2-core VM) are spread over the pool instead of
+    serialising the parent."""
     with open(scratch, "rb") as f:
         data = memoryview(f.read())
     os.remove(scratch)
-    fd = os.open(target, os.O_WRONLY)
-    try:
-        for source, size, offset in moves:
-            view = data[source : source + size]
-            while view:
-                written = os.pwrite(fd, view, offset)
-                view, offset = view[written:], offset + written
-    finally:
-        os.close(fd)
-    return sum(size for _, size, _ in moves)
+    total = 0
+    for target, moves in targets:
+        fd = os.open(target, os.O_WRONLY)
+        try:
+            for source, size, offset in moves:
+                view = data[source : source + size]
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
+                total += size
+        finally:
+            os.close(fd)
+    return total
+
+
+@contextlib.contextmanager
+def mapped(path: str) -> Iterator[memoryview | None]:
+    """A chunk's scratch file mapped read-write (None when empty): edits are seen by a later :meth:`write_out`."""
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        if not size:
+            yield None
+            return
+        with mmap.mmap(f.fileno(), size) as mapping, memoryview(mapping) as view:
+            yield view
 
 
 class DecodePool:
@@ -271,10 +290,10 @@ class DecodePool:
         for results, path in self.chunks():
             yield from _attach(results, path)
 
-    def write_out(self, scratch: str, moves: list[tuple[int, int, int]], target: str) -> None:
-        """Have a worker copy payloads of a chunk's scratch file into ``target`` (see :func:`_write_out`); at most
-        ``ahead x workers`` such writes wait at a time."""
-        self.writes.append(self.executor.submit(_write_out, scratch, moves, target))
+    def write_out(self, scratch: str, targets: list[tuple[str, list[tuple[int, int, int]]]]) -> None:
+        """Have a worker copy payloads of a chunk's scratch file into output files and delete it (see
+        :func:`_write_out`); at most ``ahead x workers`` such writes wait at a time."""
+        self.writes.append(self.executor.submit(_write_out, scratch, targets))
         while self.writes and (self.writes[0].done() or len(self.writes) > self.ahead * self.workers):
             _outcome(self.writes.popleft())
 
