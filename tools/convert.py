@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     skipped = sum(len(r.skipped) + len(s.ignored) for s, r in zip(sources, first))
     phases = [
         f"{fmt} {s.split} {r.seconds:.1f} s"
-        + (f" (FFCV start-up {r.startup_seconds:.1f} s)" if r.startup_seconds else "")
+        + (f" (FFCV import {r.startup_seconds:.1f} s, while the workers decode)" if r.startup_seconds else "")
         for fmt in formats
         for s, r in zip(sources, per_format[fmt])
     ]
