@@ -56,19 +56,22 @@ class SplitResult:
 
 class TarShardWriter:
     """One webdataset tar shard under a temporary name. This process lays it out (where each sample's members go,
-    the index); the pool's workers copy the members' bytes into place (:meth:`DecodePool.write_out`)."""
+    the index) and hashes it as it goes; the pool's workers copy the members' bytes into place
+    (:meth:`DecodePool.write_out`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.tmp = files.tmp_path(path)
         self.tmp.write_bytes(b"")  # the workers open it for writing
+        self.digest = hashlib.sha256()
         self.size = 0
         self.samples: list[list[tuple[str, int, int, str]]] = []
 
-    def place(self, key: str, item: Result) -> int:
-        """Reserve room for a sample's members (already stamped with ``key``); the offset they go to."""
+    def place(self, key: str, item: Result, members: memoryview) -> int:
+        """Reserve room for a sample's ``members`` (already stamped with ``key``); the offset they go to."""
         base = self.size
-        self.size += item.nbytes
+        self.digest.update(members)
+        self.size += len(members)
         self.samples.append(
             [
                 ("jpg", base + _BLOCK, item.jpg_size, f"{key}.jpg"),
@@ -78,15 +81,18 @@ class TarShardWriter:
         return base
 
     def close(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Finish the archive (end blocks and record padding: zeros), flush it and rename it into place while
-        hashing it, write its index; return (tar record, idx record). Every member must be written by now."""
+        """Finish the archive (end blocks and record padding: zeros), flush it to disk and rename it into place,
+        write its index; return (tar record, idx record). Every member must be written by now."""
         end = self.size + 2 * _BLOCK
-        os.truncate(self.tmp, end + (-end) % _RECORD)
-        tar_record = files.finish_hashed(self.tmp, self.path)
+        padding = 2 * _BLOCK + (-end) % _RECORD
+        self.digest.update(bytes(padding))
+        os.truncate(self.tmp, self.size + padding)
+        files.finish(self.tmp, self.path)
         lines = [f"v1.2 {len(self.samples)}"]
         lines += [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in sample) for sample in self.samples]
         index = ("\n".join(lines) + "\n").encode()
         files.write_bytes_atomic(self.path.with_suffix(".idx"), index)
+        tar_record = {"bytes": self.size + padding, "sha256": self.digest.hexdigest()}
         idx_record = {"bytes": len(index), "sha256": hashlib.sha256(index).hexdigest()}
         return tar_record, idx_record
 
@@ -174,8 +180,8 @@ def write_webdataset_split(
                         name = f"{key:0{KEY_DIGITS}d}"
                         with view[item.offset : item.offset + item.nbytes] as members:
                             stamp_key(members, item.cls_header, name.encode("ascii"))
-                        moves = targets.setdefault(str(shard.tmp), [])
-                        moves.append((item.offset, item.nbytes, shard.place(name, item)))
+                            offset = shard.place(name, item, members)
+                        targets.setdefault(str(shard.tmp), []).append((item.offset, item.nbytes, offset))
                         key += 1
                         label = source.labels[item.index]
                         pending.count += 1

@@ -11,8 +11,11 @@ expensive step runs in parallel and the parent only copies bytes:
   the way FFCV encodes it, raw-or-JPEG chosen per sample in proportion mode); the parent copies it into the
   ``.beton`` (:class:`loaders.ffcv_writer.OrderedBetonWriter`).
 
-A chunk's payloads travel through a scratch file in /dev/shm that the parent maps: pickling image bytes through
-the pool's pipes cost the single parent process 0.2 ms per image (a tenth of a worker's decode); this keeps its
+A chunk's payloads travel through a scratch file in /dev/shm: pickling image bytes through the pool's pipes cost
+the single parent process 0.2 ms per image (a tenth of a worker's decode). The parent maps the file only to read
+or patch what it must (DALI keys, the running sha256 of a shard) and lays the output out; a worker then copies the
+chunk's bytes into the output files (:meth:`DecodePool.write_out`), since filling the page cache is itself costly
+(~3 ms of kernel time per MB on the 2-core VM) and would otherwise serialise on the parent. That keeps the parent's
 share small, which is what lets 2 workers run close to twice as fast as 1.
 
 Results arrive in source order (outputs are written sequentially and deterministically whatever the number of
