@@ -2,14 +2,28 @@
 
 ``build_loader("torch" | "dali" | "ffcv" | "gpu", spec)`` returns a :class:`loaders.base.Loader`. Backends are
 imported lazily, so ``torch`` works where DALI or FFCV are not installed; a missing backend raises
-:class:`loaders.base.LoaderError` saying how to install it.
+:class:`loaders.base.LoaderError` saying how to install it. Importing the package does not import torch (the
+conversion tool uses :mod:`loaders.datasets` without it): ``Loader`` and ``LoaderSpec`` load on first use.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from loaders.base import Loader, LoaderError, LoaderSpec
+from loaders.errors import LoaderError
+
+if TYPE_CHECKING:
+    from loaders.base import Loader, LoaderSpec
+
+
+def __getattr__(name: str):
+    if name in ("Loader", "LoaderSpec"):
+        from loaders import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'loaders' has no attribute {name!r}")
+
 
 # backend name -> (module, class name, pip extra that installs it)
 BACKENDS: dict[str, tuple[str, str, str | None]] = {

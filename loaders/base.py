@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from loaders.errors import LoaderError  # noqa: F401 - re-exported: loaders.base.LoaderError is the same class
+
 
 @dataclass(frozen=True)
 class LoaderSpec:
@@ -125,7 +127,3 @@ def to_memory_format(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
     if spec.channels_last:
         return images.contiguous(memory_format=torch.channels_last)
     return images.contiguous()
-
-
-class LoaderError(RuntimeError):
-    """A user-facing loader problem (missing data set, backend not installed, no GPU): one clear message."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loaders.base import LoaderError
+from loaders.errors import LoaderError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -51,7 +51,6 @@ class SplitResult:
     max_pixels: int = 0  # largest picture of a kept sample before any resize, in pixels FFCV would store
     written_bytes: int = 0  # bytes written by this run (kept files excluded)
     seconds: float = 0.0  # time this run spent on the split
-    startup_seconds: float = 0.0  # of which importing FFCV (FFCV only; the workers decode meanwhile)
 
 
 class TarShardWriter:

@@ -9,7 +9,7 @@ previous design validated in one pass and let FFCV's writer decode again), no FF
 could die and leave the writer waiting forever (a dead or failing pool worker is a clear error at once), and the
 bytes of a ``.beton`` are the same whatever the number of workers.
 
-``import ffcv`` (about 2 s, most of it torch) happens after the pool has started, so the workers decode meanwhile.
+FFCV is imported before any conversion starts (:func:`import_writer`: fail fast; about 2 s, most of it torch).
 The file is written under a temporary name and renamed when complete. Resume works per split: a state record
 (``.convert-state/<split>.json``) with the file's checksum, the settings and the source fingerprint lets a rerun
 keep a finished ``.beton``. ``--verify`` reads every sample back with FFCV's real ``Loader`` in a watched child
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import importlib.util
-import itertools
 import json
 import os
 import shutil
@@ -147,8 +145,7 @@ def write_ffcv_split(
     ``max_pixels``: the largest stored picture, in pixels, when no max resolution bounds it (it sizes FFCV's
     pages); ignored otherwise.
     """
-    if importlib.util.find_spec("ffcv") is None:
-        raise ConvertError(_install_hint("no module named 'ffcv'"))
+    ffcv_writer = import_writer()
     beton = out / f"{source.split}.beton"
     state = out / STATE_DIR / f"{source.split}.json"
     tmp = files.tmp_path(beton)
@@ -166,12 +163,8 @@ def write_ffcv_split(
                               settings["compress_prob"])  # fmt: skip
             pool = stack.enter_context(DecodePool(source.paths, source.labels, 0, workers, payload))
             chunks = pool.chunks()
-            chunks = itertools.chain([next(chunks)], chunks)  # the pool is running: import FFCV meanwhile
         else:
             page_size, pool, chunks = MIN_PAGE, None, None
-        started = time.monotonic()
-        ffcv_writer = _import_writer()
-        import_seconds = time.monotonic() - started
         modes = {"jpg": ffcv_writer.JPG, "raw": ffcv_writer.RAW}
         with ffcv_writer.OrderedBetonWriter(str(tmp), _fields(ffcv_writer, settings), capacity=len(source),
                                             page_size=page_size) as writer:  # fmt: skip
@@ -216,7 +209,6 @@ def write_ffcv_split(
     files.write_json_atomic(state, record)
     result = result_from_record(record, source.split)
     result.written_bytes = record["file"]["bytes"]
-    result.startup_seconds = import_seconds
     return result
 
 
@@ -226,8 +218,12 @@ def _install_hint(error) -> str:
     return INSTALL_HINT.format(error=error).replace("Every other --loader", "--format dali")
 
 
-def _import_writer():
-    """:mod:`loaders.ffcv_writer` (imports FFCV the fast way), or a ConvertError saying how to install FFCV."""
+def import_writer():
+    """:mod:`loaders.ffcv_writer` (imports FFCV the fast way), or a ConvertError saying how to install FFCV.
+
+    ``tools/convert.py`` calls it before converting anything when FFCV output is asked for: a missing or broken
+    FFCV (its system libraries) then stops the run at once, not after hours of a DALI pass; and FFCV's import
+    (~2 s, most of it torch; nothing else in the tool needs torch) is not paid in the middle of the work."""
     try:
         from loaders.ffcv_import import import_ffcv
 

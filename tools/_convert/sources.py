@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from loaders.base import LoaderError
 from loaders.datasets import (
     IMAGE_EXTENSIONS,
     SPLITS,
@@ -25,6 +24,7 @@ from loaders.datasets import (
     imagenet_samples,
     imagenet_split_dir,
 )
+from loaders.errors import LoaderError
 
 
 class ConvertError(RuntimeError):
