@@ -279,7 +279,7 @@ class DecodePool:
 
     def chunks(self) -> Iterator[tuple[list[Result], str | None]]:
         """Each chunk's results (``data`` not attached) and its scratch file (None without a payload), in order.
-        The caller owns the scratch file: :meth:`write_out` it, or :meth:`attach` its payloads."""
+        The caller owns the scratch file: :meth:`write_out` it (which deletes it), or use :meth:`results` instead."""
         pending: collections.deque = collections.deque()
         for i in range(self.start, len(self.paths), _CHUNK):
             pending.append(self.executor.submit(_work, (i, min(i + _CHUNK, len(self.paths)))))
