@@ -270,9 +270,7 @@ class FfcvLoader(Loader):
         for index, cache_dir in enumerate(candidates):
             try:
                 cache_dir.mkdir(parents=True, exist_ok=True)
-                return writer_module.cached_array_beton(
-                    spec.dataset, spec.split, images, labels, cache_dir, workers=max(1, spec.workers)
-                )
+                return writer_module.cached_array_beton(spec.dataset, spec.split, images, labels, cache_dir)
             except PermissionError:
                 if index == len(candidates) - 1:
                     raise LoaderError(

@@ -1,13 +1,16 @@
-"""Writing .beton files safely: FFCV's ``DatasetWriter`` with a watchdog, atomic output, and the array cache.
+"""Writing .beton files safely: FFCV's ``DatasetWriter`` with a watchdog, an ordered in-process writer, atomic
+output, and the array cache.
 
 FFCV 1.0.2's writer waits forever when one of its worker processes dies (it polls a shared counter that stops
 moving). :class:`WatchedDatasetWriter` watches the workers' exit codes instead, so an exception in a worker
 (a corrupt image, a bug in a data set's ``__getitem__``) becomes one :class:`BetonWriteError` within a fraction of
 a second, with the worker's message. :func:`write_beton` writes to a temporary file and renames it into place, so
-a reader never sees a half-written file. :func:`cached_array_beton` turns the in-memory data sets (synthetic,
-CIFAR-100) into a cached .beton, so ``--loader ffcv`` needs no conversion step for them.
+a reader never sees a half-written file. :class:`OrderedBetonWriter` fills an FFCV file from the calling process
+in order, with samples that may be encoded elsewhere (``tools/convert.py``'s worker pool): no FFCV worker at all,
+byte-identical to FFCV's single-worker writer. :func:`cached_array_beton` turns the in-memory data sets
+(synthetic, CIFAR-100) into a cached .beton with it, so ``--loader ffcv`` needs no conversion step for them.
 
-Imports FFCV at the top: import it through :mod:`loaders.ffcv` (which restores torch's thread count).
+Imports FFCV at the top: import it through :mod:`loaders.ffcv_import` (fast, restores torch's thread count).
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ from ffcv.fields.base import Field
 from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.utils import align_to_page
-from ffcv.writer import DatasetWriter
+from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
 from loaders.base import LoaderError
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the cached .beton layout changes
+DEFAULT_PAGE = 4 * MIN_PAGE_SIZE  # DatasetWriter's default page size (8 MiB)
 
 
 class BetonWriteError(LoaderError):
@@ -88,6 +92,7 @@ class OrderedBetonWriter(DatasetWriter):
         self.allocations: list[tuple[int, int, int]] = []  # (sample, file offset, size), FFCV's allocation table
         self.page, self.page_used = -1, 0
         self.fd = -1
+        self.run_start, self.run = 0, bytearray()  # bytes this writer holds for one contiguous file range
 
     def __enter__(self) -> OrderedBetonWriter:
         self.num_samples = self.capacity
@@ -121,7 +126,7 @@ class OrderedBetonWriter(DatasetWriter):
             if data is None:
                 external.append((ptr, size))
             else:
-                _pwrite_all(self.fd, data, ptr)
+                self._write(ptr, data)
         self.count += 1
         return external
 
@@ -159,10 +164,26 @@ class OrderedBetonWriter(DatasetWriter):
         self.allocations.append((self.count, ptr, size))
         return ptr
 
+    def _write(self, ptr: int, data) -> None:
+        """Write ``data`` at ``ptr``, batching contiguous writes into one ``pwrite`` (up to a page: small samples
+        would otherwise cost a system call each). Only touching ranges merge, so bytes someone else writes (the
+        gaps left for external data) are never covered."""
+        if self.run and (ptr != self.run_start + len(self.run) or len(self.run) >= self.page_size):
+            self._flush()
+        if not self.run:
+            self.run_start = ptr
+        self.run += memoryview(data).cast("B")
+
+    def _flush(self) -> None:
+        if self.run:
+            _pwrite_all(self.fd, self.run, self.run_start)
+            self.run = bytearray()
+
     def __exit__(self, error_type, error, trace) -> None:
         try:
             if error_type is None:
                 # FFCV writes whole pages: the file ends with the last page (its padding a hole of zeros)
+                self._flush()
                 os.ftruncate(self.fd, self.data_start + (self.page + 1) * self.page_size)
                 self.header["num_samples"] = self.count
                 self.finalize(self.allocations)
@@ -324,9 +345,7 @@ def array_fields() -> dict[str, Field]:
     return {"image": RGBImageField(write_mode="raw"), "label": IntField()}
 
 
-def cached_array_beton(
-    dataset: str, split: str, images: np.ndarray, labels: np.ndarray, cache_dir: Path, workers: int = 2
-) -> Path:
+def cached_array_beton(dataset: str, split: str, images: np.ndarray, labels: np.ndarray, cache_dir: Path) -> Path:
     """The .beton of in-memory arrays under ``cache_dir``, written once and reused (keyed by the content)."""
     images = np.ascontiguousarray(images, dtype=np.uint8)
     labels = np.ascontiguousarray(labels, dtype=np.int64)
@@ -339,4 +358,16 @@ def cached_array_beton(
     if path.is_file():
         return path
     log.info("ffcv: writing %s/%s (%d samples) to %s once; later runs reuse it", dataset, split, len(labels), path)
-    return write_beton(path, ArraySamples(images, labels), array_fields(), workers=workers, chunksize=1000)
+    # raw pixels need no encoding: copied in this process, in order (no FFCV worker processes, same bytes every time)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        height, width = images.shape[1:3]
+        with OrderedBetonWriter(str(temporary), array_fields(), capacity=len(labels), page_size=DEFAULT_PAGE) as out:
+            for image, label in zip(images, labels.tolist()):
+                out.add((EncodedImage(RAW, height, width, image.nbytes, image), label))
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return path

@@ -88,7 +88,7 @@ def test_ordered_writer_matches_ffcvs_own_writer_byte_for_byte(tmp_path):
     from ffcv.fields.rgb_image import encode_jpeg
     from ffcv.writer import DatasetWriter
 
-    from loaders.ffcv_writer import JPG, EncodedImage, OrderedBetonWriter
+    from loaders.ffcv_writer import JPG, RAW, EncodedImage, OrderedBetonWriter
     from tools._convert.images import Decoded, ffcv_image
 
     rng = np.random.default_rng(3)
@@ -100,24 +100,35 @@ def test_ordered_writer_matches_ffcvs_own_writer_byte_for_byte(tmp_path):
     def fields(mode: str) -> dict:
         return {"image": RGBImageField(write_mode=mode, jpeg_quality=90), "label": IntField()}
 
-    for mode in ("raw", "jpg"):
+    def external(path, offset: int, data: bytes) -> None:  # another process writing its share of the file
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+
+    for mode in ("raw", "raw-mixed", "jpg"):
         theirs, ours = tmp_path / f"ffcv-{mode}.beton", tmp_path / f"ours-{mode}.beton"
-        DatasetWriter(str(theirs), fields(mode), page_size=page, num_workers=1).from_indexed_dataset(
+        kind = mode.split("-")[0]
+        DatasetWriter(str(theirs), fields(kind), page_size=page, num_workers=1).from_indexed_dataset(
             list(zip(images, labels)), chunksize=7
         )
-        with OrderedBetonWriter(str(ours), fields(mode), capacity=len(images) + 3, page_size=page) as writer:
-            for image, label in zip(images, labels):
-                if mode == "raw":
+        with OrderedBetonWriter(str(ours), fields(kind), capacity=len(images) + 3, page_size=page) as writer:
+            for index, (image, label) in enumerate(zip(images, labels)):
+                height, width = image.shape[:2]
+                if mode == "raw":  # through RGBImageField.encode, bytes written (batched) by the writer
                     assert writer.add((image, label)) == []
-                    continue
-                stored = ffcv_image(Decoded(Image.fromarray(image), False, False, image.shape[1::-1]), 0, "jpg",
-                                    0.5, 90, 0)[2]  # fmt: skip
-                assert np.array_equal(stored, encode_jpeg(image, 90)), "not the JPEG FFCV would store"
-                encoded = EncodedImage(JPG, image.shape[0], image.shape[1], stored.nbytes)
-                [(offset, size)] = writer.add((encoded, label))
-                with open(ours, "r+b") as f:
-                    f.seek(offset)
-                    f.write(stored.tobytes())
+                elif mode == "raw-mixed":  # pre-encoded: every third sample's bytes written by someone else
+                    data = image.tobytes()
+                    if index % 3:
+                        assert writer.add((EncodedImage(RAW, height, width, len(data), data), label)) == []
+                    else:
+                        [(offset, size)] = writer.add((EncodedImage(RAW, height, width, len(data)), label))
+                        external(ours, offset, data)
+                else:
+                    stored = ffcv_image(Decoded(Image.fromarray(image), False, False, (width, height)), 0, "jpg",
+                                        0.5, 90, 0)[2]  # fmt: skip
+                    assert np.array_equal(stored, encode_jpeg(image, 90)), "not the JPEG FFCV would store"
+                    [(offset, size)] = writer.add((EncodedImage(JPG, height, width, stored.nbytes), label))
+                    external(ours, offset, stored.tobytes())
         assert ours.read_bytes() == theirs.read_bytes(), mode
 
 
