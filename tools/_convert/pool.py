@@ -214,7 +214,10 @@ def _outcome(future) -> Any:
             "a conversion worker process died (killed by the system, e.g. out of memory, or crashed in a decoder); "
             "rerun the same command to resume, with fewer --workers if memory is short"
         ) from error
-    except Exception as error:  # raised inside a worker: a bug, a planted fault, a full disk
+    except OSError as error:  # a full disk, a vanished output folder, ...
+        message = f"a conversion worker failed: {error}; fix it and rerun the same command to resume"
+        raise ConvertError(message) from error
+    except Exception as error:  # raised inside a worker: a bug, a planted fault
         raise ConvertError(f"a conversion worker failed: {type(error).__name__}: {error}") from error
 
 
