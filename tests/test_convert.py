@@ -192,6 +192,29 @@ def test_image_rules_unit():
         decode(b"")
 
 
+def test_validation_at_one_eighth_scale_judges_like_a_full_decode(tree):
+    """DALI copy mode validates plain JPEGs with a 1/8-scale decode (``pixels=False``): the same verdict, size and
+    plainness as a full decode on every planted file (truncated, empty, text, PNG, CMYK, 1 px, 5000 px, EXIF) and
+    on real sample JPEGs; files that need their pixels are decoded fully either way."""
+    files = sorted(p for p in (tree[0] / "train").rglob("*.JPEG") if p.name.startswith(("bad_", "odd_")))
+    files += sorted((tree[0] / "train").rglob("*.JPEG"))[:12]
+    assert len(files) >= 20
+    for path in files:
+        data = path.read_bytes()
+        outcomes = []
+        for pixels in (True, False):
+            try:
+                decoded = decode(data, None, pixels=pixels)
+                outcomes.append((decoded.plain_jpeg, decoded.source_size, decoded.image is None))
+            except BadImage as error:
+                outcomes.append(str(error))
+        full, scaled = outcomes
+        if isinstance(full, str) or not full[0]:  # a bad file, or one whose pixels are needed: same outcome
+            assert scaled == full, path.name
+        else:  # a plain JPEG: same size, no pixels decoded at full scale
+            assert scaled == (True, full[1], True), path.name
+
+
 @pytest.mark.timeout(300)
 def test_manifest_lists_counts_classes_and_skipped(tree, converted):
     root, planted = tree
