@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify-only", action="store_true", help="only check an existing output (no --src)")
     parser.add_argument("--download", action="store_true", help="CIFAR-100: download into --src first")
     parser.add_argument("--stall-timeout", type=float, default=120.0,
-                        help="stop FFCV when it makes no progress for this many seconds (default 120)")  # fmt: skip
+                        help="--verify: stop FFCV's reader after this many seconds without progress (120)")  # fmt: skip
     return parser
 
 
