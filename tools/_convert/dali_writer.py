@@ -32,7 +32,7 @@ import numpy as np
 from tools._convert import files
 from tools._convert.images import stored_pixels
 from tools._convert.pool import KEY_DIGITS, DecodePool, Payload, Result, mapped, stamp_key
-from tools._convert.sources import ConvertError, SplitSource
+from tools._convert.sources import SplitSource
 
 STATE_DIR = ".convert-state"
 _BLOCK = 512
@@ -169,10 +169,7 @@ def write_webdataset_split(
                     for item in chunk:
                         progress(1)
                         if item.reason is not None:
-                            if strict:
-                                raise ConvertError(f"{source.paths[item.index]}: {item.reason} (--strict stops here)")
-                            entry = {"index": item.index, "path": source.relpaths[item.index], "reason": item.reason}
-                            pending.skipped.append(entry)
+                            pending.skipped.append(source.skip(item.index, item.reason, strict))
                             continue
                         if shard is None:
                             shard = TarShardWriter(split_dir / f"{_shard_name(number)}.tar")

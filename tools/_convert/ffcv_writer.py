@@ -180,11 +180,7 @@ def write_ffcv_split(
                     moves = []
                     for item in chunk:
                         if item.reason is not None:
-                            if strict:
-                                raise ConvertError(f"{source.paths[item.index]}: {item.reason} (--strict stops here)")
-                            skipped.append(
-                                {"index": item.index, "path": source.relpaths[item.index], "reason": item.reason}
-                            )
+                            skipped.append(source.skip(item.index, item.reason, strict))
                             continue
                         label = int(source.labels[item.index])
                         image = ffcv_writer.EncodedImage(

@@ -81,7 +81,7 @@ class Result:
     reason: str | None = None  # why the file is skipped; None when usable
     width: int = 0  # upright size before any resize
     height: int = 0
-    data: memoryview | bytes | None = None  # the payload's bytes (a view of the mapped scratch file in the parent)
+    data: Any = None  # the payload, bytes or a flat uint8 array (worker side: it travels in the scratch file)
     offset: int = 0  # where the payload starts in the chunk's scratch file
     nbytes: int = 0  # its length
     reencoded: bool = False  # DALI: the JPEG was re-encoded
@@ -185,26 +185,6 @@ def _scratch_dir(fallback: Path) -> str:
     return tempfile.mkdtemp(prefix=f"divnorm-convert-{os.getpid()}-", dir=base)
 
 
-def _attach(results: list[Result], path: str | None) -> Iterator[Result]:
-    """Hand out a chunk's results, with ``data`` as writable views of its mapped scratch file."""
-    if path is None:
-        yield from results
-        return
-    with open(path, "r+b") as f:
-        size = os.fstat(f.fileno()).st_size
-        mapped = mmap.mmap(f.fileno(), size) if size else None
-    os.remove(path)
-    view = memoryview(mapped) if mapped is not None else None
-    for result in results:
-        if result.reason is None:
-            result.data = view[result.offset : result.offset + result.nbytes]
-        yield result
-        result.data = None  # the consumer is done with it: no view may outlive the mapping
-    if mapped is not None:
-        view.release()
-        mapped.close()
-
-
 def _outcome(future) -> Any:
     """A task's value, or a ConvertError for a worker that died or raised (one clear line, never a hang)."""
     try:
@@ -282,7 +262,7 @@ class DecodePool:
 
     def chunks(self) -> Iterator[tuple[list[Result], str | None]]:
         """Each chunk's results (``data`` not attached) and its scratch file (None without a payload), in order.
-        The caller owns the scratch file: :meth:`write_out` it (which deletes it), or use :meth:`results` instead."""
+        The caller owns the scratch file: :meth:`write_out` it (which deletes it) or leave it to the pool's end."""
         pending: collections.deque = collections.deque()
         for i in range(self.start, len(self.paths), _CHUNK):
             pending.append(self.executor.submit(_work, (i, min(i + _CHUNK, len(self.paths)))))
@@ -292,9 +272,9 @@ class DecodePool:
             yield _outcome(pending.popleft())
 
     def results(self) -> Iterator[Result]:
-        """Every result in source order, with ``data`` a view of its payload that is valid until the next one."""
-        for results, path in self.chunks():
-            yield from _attach(results, path)
+        """Every result in source order (a validation pass: payloads, if any, are left in the scratch files)."""
+        for results, _ in self.chunks():
+            yield from results
 
     def write_out(self, scratch: str, targets: list[tuple[str, list[tuple[int, int, int]]]]) -> None:
         """Have a worker copy payloads of a chunk's scratch file into output files and delete it (see
@@ -318,7 +298,7 @@ def decode_files(
     ahead: int = 4,
 ) -> Iterator[Result]:
     """Results for ``paths[start:]`` in order, computed by ``workers`` processes, ``ahead x workers`` chunks
-    in flight; each result's ``data`` is valid until the next one is taken."""
+    in flight (the validation pass; the writers use :class:`DecodePool` itself)."""
     if len(paths) <= start:
         return
     with DecodePool(paths, labels, start, workers, payload, ahead) as pool:

@@ -52,6 +52,12 @@ class SplitSource:
     def source_bytes(self) -> int:
         return sum(self.sizes) if self.paths else (0 if self.images is None else int(self.images.nbytes))
 
+    def skip(self, index: int, reason: str, strict: bool) -> dict[str, object]:
+        """The manifest entry of an unusable source file, or (``--strict``) a ConvertError naming it."""
+        if strict:
+            raise ConvertError(f"{self.paths[index]}: {reason} (--strict stops here)")
+        return {"index": index, "path": self.relpaths[index], "reason": reason}
+
     def fingerprint(self, start: int = 0, end: int | None = None) -> str:
         """sha256 over the identity (path, size, mtime, label) of samples ``start:end``."""
         digest = hashlib.sha256()
