@@ -155,9 +155,11 @@ class OrderedBetonWriter(DatasetWriter):
             raise BetonWriteError(f"a sample of {size} bytes does not fit FFCV's {self.page_size}-byte page")
         if self.page < 0 or size > self.page_size - self.page_used:
             self.page, self.page_used = self.page + 1, 0
-            earlier = [a for a in self.allocations if a[0] == self.count]
-            if earlier:  # part of this sample sits on the previous page: drop it, the sample restarts here
-                del self.allocations[-len(earlier) :]
+            if self.allocations and self.allocations[-1][0] == self.count:
+                # part of this sample sits on the previous page (its allocations are the last ones): drop them,
+                # the sample restarts on this page
+                while self.allocations and self.allocations[-1][0] == self.count:
+                    self.allocations.pop()
                 raise MemoryError("sample does not fit the rest of the page")
         ptr = self.data_start + self.page * self.page_size + self.page_used
         self.page_used += size
