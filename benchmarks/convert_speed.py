@@ -1,6 +1,6 @@
 """Conversion speed of ``tools/convert.py``: images/s and MB/s per format and worker count.
 
-    .venv/bin/python benchmarks/convert_speed.py --copies 20 --repeats 1
+    .venv/bin/python benchmarks/convert_speed.py --copies 40 --repeats 5 --results benchmarks/convert/4080-files
 
 Builds an ImageFolder tree in /tmp from the real ImageNet sample (``../shared/data/imagenet-sample``), each
 JPEG repeated ``--copies`` times (hard links, so nothing is copied), then converts its ``train`` split with
@@ -8,7 +8,7 @@ JPEG repeated ``--copies`` times (hard links, so nothing is copied), then conver
 takes the best of ``--repeats``. The figures are the converter's own final line (whole conversion: decoding,
 encoding, writing, hashing, flushing to disk; start-up excluded: Python, and for FFCV the import of FFCV and torch
 (~2 s, done first so that a broken FFCV fails at once), reported in its own column). Results go to
-``benchmarks/convert/<host>.json`` and ``.md``.
+``<--results>/results.json`` and ``results.md`` (default ``benchmarks/convert/``); ``--only ffcv`` runs one format.
 """
 
 from __future__ import annotations
