@@ -3,7 +3,8 @@
 The 102 real sample JPEGs (``../shared/data/imagenet-sample``) are repeated (hard links) into an ImageFolder tree
 of a few thousand files under a temporary folder. The torch backend reads that tree (the original JPEGs); FFCV
 reads a .beton of the same samples written at max-res 256 (long side shrunk with OpenCV INTER_AREA, re-encoded as
-JPEG quality 90, as ``tools/convert.py --max-res 256 --write-mode jpg`` stores them; written here directly with
+JPEG quality 90: what ``tools/convert.py --max-res 256 --write-mode jpg`` stores, except that the tool shrinks with
+Lanczos; written here directly with
 :func:`loaders.ffcv_writer.write_beton`, one decode per distinct image, so the set-up takes seconds). Both yield
 ImageNet training batches at 224 px (RandomResizedCrop + flip, normalized, channels-last float32 on the CPU).
 
