@@ -56,14 +56,11 @@ def import_backend():
     """Import FFCV (through :mod:`loaders.ffcv_pipeline` and :mod:`loaders.ffcv_writer`) or raise a LoaderError
     saying how to install it. FFCV is imported through :func:`loaders.ffcv_import.import_ffcv` (4 s faster; it keeps
     torch's thread count, which ``import ffcv`` sets to 1)."""
-    threads = torch.get_num_threads()
     try:
         import_ffcv()
         from loaders import ffcv_pipeline, ffcv_writer
     except ImportError as error:
         raise LoaderError(INSTALL_HINT.format(error=error)) from error
-    finally:
-        torch.set_num_threads(threads)
     return ffcv_pipeline, ffcv_writer
 
 

@@ -17,6 +17,8 @@ import threading
 import time
 from collections import Counter
 
+from loaders.ffcv_import import import_ffcv
+
 
 def _watch(counter_value, stop: threading.Event) -> None:
     """Report progress; on a dead worker, kill the others and exit at once (FFCV would wait forever)."""
@@ -51,14 +53,8 @@ def _cmdline(process) -> list[str]:
         return []
 
 
-def _import_ffcv():
-    from loaders.ffcv_import import import_ffcv
-
-    return import_ffcv()
-
-
 def verify(spec: dict) -> dict:
-    _import_ffcv()
+    import_ffcv()  # keeps torch's thread count
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
