@@ -27,7 +27,9 @@ How it keeps the loader contract exactly:
 * **Device.** ``data.dali_device``: ``auto`` runs ``mixed`` decoding (nvJPEG + the hardware JPEG decoder,
   ``hw_decoder_load``) and GPU operators when DALI sees a GPU and ``spec.device`` is CUDA, the CPU pipeline
   (``device_id=None``) otherwise, and logs the choice; ``gpu`` without a GPU is a :class:`LoaderError`. A CPU
-  pipeline feeding a CUDA device copies each batch with ``non_blocking=True``.
+  pipeline feeding a CUDA device copies each batch with ``non_blocking=True``. ``data.dali_decode=cpu`` keeps
+  the GPU pipeline but decodes (and crops) on DALI's CPU threads, leaving the SMs to training
+  (:func:`choose_decode`).
 
 Threads: ``data.dali_threads`` (default ``workers``); prefetch queue depth: ``data.prefetch``; ``data.subset``
 keeps the first N samples of the split.
@@ -53,6 +55,7 @@ INSTALL_HINT = (
     "`.venv/bin/pip install 'nvidia-dali-cuda130==2.4.0'`"
 )
 DEVICE_CHOICES = ("auto", "cpu", "gpu")
+DECODE_CHOICES = ("auto", "mixed", "cpu")
 AUGMENT_CHOICES = ("standard", "original", "none")
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -95,6 +98,27 @@ def choose_device(spec: LoaderSpec) -> str:
             )
         return "gpu"
     return "gpu" if gpus > 0 and spec.device.type == "cuda" else "cpu"
+
+
+def choose_decode(spec: LoaderSpec, device_kind: str) -> str:
+    """Where a GPU pipeline decodes JPEGs, from ``data.dali_decode``: ``"mixed"`` or ``"cpu"``.
+
+    ``mixed`` (``auto`` on a GPU pipeline): nvJPEG + the hardware decoder. ``cpu``: libjpeg-turbo on DALI's CPU
+    threads (fused decode + random-crop window), then the crop travels to the GPU, where resize and
+    normalization run; the GPU's SMs then do no decoding, which matters when training keeps them busy and the
+    machine has CPU cores to spare. A CPU pipeline always decodes on the CPU.
+    """
+    mode = str(spec.option("dali_decode", "auto")).lower()
+    if mode not in DECODE_CHOICES:
+        raise LoaderError(f"data-dali_decode must be one of {', '.join(DECODE_CHOICES)}, got {mode!r}")
+    if device_kind == "cpu":
+        if mode == "mixed":
+            raise LoaderError(
+                "data-dali_decode=mixed needs the GPU pipeline, but this run uses DALI's CPU pipeline; use "
+                "data-dali_decode=auto (or cpu), or train on a GPU with data-dali_device=gpu"
+            )
+        return "cpu"
+    return "cpu" if mode == "cpu" else "mixed"
 
 
 def _pair(spec: LoaderSpec, key: str, default: tuple[float, float]) -> tuple[float, float]:
@@ -168,6 +192,7 @@ class DaliLoader(Loader):
             num_threads=max(1, int(spec.option("dali_threads", spec.workers) or 1)),
             device=self.device_kind,
             device_id=device_id,
+            decode=choose_decode(spec, self.device_kind),
             image_size=int(spec.image_size or info.image_size),
             mean=info.mean,
             std=info.std,
@@ -186,7 +211,7 @@ class DaliLoader(Loader):
             raise LoaderError(f"data-crop_scale is a fraction of the image area (<= 1), got {self.config.crop_scale}")
         log.info(
             "dali loader: %s pipeline (%s), %s, %d threads, batch %d, rank %d/%d",
-            "GPU (mixed decoding)" if self.device_kind == "gpu" else "CPU (device_id=None)",
+            _describe_device(self.config),
             spec.split,
             self.source.describe(),
             self.config.num_threads,
@@ -295,6 +320,14 @@ class DaliLoader(Loader):
         if self._active is not None:
             self._active.close()
         self._pipe = None
+
+
+def _describe_device(config) -> str:
+    if config.device == "cpu":
+        return "CPU (device_id=None)"
+    if config.kind == "array":
+        return "GPU"
+    return "GPU (mixed decoding)" if config.decode == "mixed" else "GPU (CPU decoding, GPU resize)"
 
 
 def _pipeline_error(error: RuntimeError, source: SampleSource, indices: np.ndarray) -> str:

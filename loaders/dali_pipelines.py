@@ -7,6 +7,9 @@ a machine without a GPU (the test suite does this to guard the headline path).
 
 Graphs (mean/std in 0-255 units, output fp16 or fp32, layout HWC or CHW):
 
+* Decoding in a GPU pipeline: ``mixed`` (nvJPEG + the hardware decoder), or with ``decode="cpu"``
+  libjpeg-turbo on DALI's CPU threads, the decoded (cropped) images then moved to the GPU for resize and
+  normalization.
 * JPEG train: ``decoders.image_random_crop`` (fused decode + RandomResizedCrop window, area ``crop_scale``,
   aspect ``crop_ratio``) -> ``resize`` to ``image_size`` (linear, antialiased) -> ``crop_mirror_normalize``
   with a coin-flip mirror.
@@ -58,13 +61,14 @@ class PipelineConfig:
     crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
     val_resize: int = 256
     hw_decoder_load: float = 0.65
+    decode: str = "mixed"  # GPU pipelines: "mixed" (nvJPEG / hardware decoder) or "cpu" (libjpeg-turbo, then .gpu())
     prefetch: int = 2
     seed: int = 42
     source_size: int = 32  # array sources: stored image side
 
 
 def _decoder_kwargs(config: PipelineConfig) -> dict:
-    if config.device == "gpu":
+    if config.device == "gpu" and config.decode == "mixed":
         return {
             "device": "mixed",
             "hw_decoder_load": float(config.hw_decoder_load),
@@ -98,6 +102,7 @@ def _jpeg_graph(jpegs, config: PipelineConfig):
             adjust_orientation=False,  # as PIL / torchvision, which ignore the EXIF orientation
             **decoder,
         )
+        images = _to_device(images, config)
         images = fn.resize(
             images,
             resize_x=config.image_size,
@@ -107,7 +112,13 @@ def _jpeg_graph(jpegs, config: PipelineConfig):
         )
         return _normalize(images, config, mirror=fn.random.coin_flip(probability=0.5))
     images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False, **decoder)
+    images = _to_device(images, config)
     return _normalize(_resize_center_crop(jpegs, images, config), config)
+
+
+def _to_device(images, config: PipelineConfig):
+    """Decoded on the CPU for a GPU pipeline (``decode="cpu"``): move to the GPU before resizing."""
+    return images.gpu() if config.device == "gpu" and config.decode == "cpu" else images
 
 
 def _resize_center_crop(jpegs, images, config: PipelineConfig):

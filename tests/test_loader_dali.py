@@ -227,6 +227,11 @@ def test_user_errors_are_one_clear_message(imagenet_tree, dali_shards, tmp_path,
             build_loader("dali", _spec("imagenet", "val", False, imagenet_tree, options={"dali_device": "gpu"}))
     with pytest.raises(LoaderError, match="dali_device must be one of"):
         build_loader("dali", _spec("imagenet", "val", False, imagenet_tree, options={"dali_device": "tpu"}))
+    with pytest.raises(LoaderError, match="dali_decode must be one of"):
+        build_loader("dali", _spec("imagenet", "val", False, imagenet_tree, options={"dali_decode": "nvjpeg"}))
+    with pytest.raises(LoaderError, match="dali_decode=mixed needs the GPU pipeline"):
+        options = {"dali_device": "cpu", "dali_decode": "mixed"}
+        build_loader("dali", _spec("imagenet", "val", False, imagenet_tree, options=options))
     with pytest.raises(LoaderError, match="crop_scale"):
         build_loader("dali", _spec("imagenet", "train", True, imagenet_tree, options={"crop_scale": [0.5]}))
     with pytest.raises(LoaderError, match="needs --data-dir"):
@@ -272,6 +277,12 @@ def test_gpu_graphs_serialize_without_a_gpu():
         assert b"gpu" in serialized
         if kind == "jpeg":
             assert b"mixed" in serialized, "ImageNet decoding must run on the GPU (nvJPEG / hardware decoder)"
+    # decode="cpu": libjpeg-turbo on the CPU threads, resize + normalize on the GPU
+    for train in (True, False):
+        config = PipelineConfig(kind="jpeg", train=train, batch_size=8, num_threads=2, device="gpu", device_id=None,
+                                decode="cpu", image_size=224, mean=(0.5,) * 3, std=(0.25,) * 3)  # fmt: skip
+        serialized = build_pipeline(config, source).serialize()
+        assert b"mixed" not in serialized and b"gpu" in serialized
 
 
 # ------------------------------------------------------------------------------------------ GPU (real)
@@ -294,6 +305,26 @@ def test_mixed_pipeline_on_gpu(imagenet_tree, dali_shards):
     # nvJPEG / the hardware decoder and libjpeg-turbo differ in IDCT and chroma upsampling
     levels = (torch.cat(gpu_x).cpu() - torch.cat(cpu_x)).abs() * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
     assert float(levels.mean()) <= 2.0, float(levels.mean())
+
+
+@pytest.mark.gpu
+def test_cpu_decoding_in_the_gpu_pipeline(imagenet_tree, dali_shards):
+    """data.dali_decode=cpu: the contract holds, and validation pixels match the CPU pipeline's (same decoder,
+    resize on the GPU instead of the CPU)."""
+    device = torch.device("cuda")
+    options = {"dali_decode": "cpu"}
+    spec = _spec("imagenet", "train", True, dali_shards, device=device, dtype=torch.float16, batch_size=32,
+                 options=options)  # fmt: skip
+    loader = build_loader("dali", spec)
+    assert loader.device_kind == "gpu" and loader.config.decode == "cpu"
+    assert_loader_contract(loader, spec, 102, num_classes=1000)
+    gpu = _spec("imagenet", "val", False, imagenet_tree, device=device, batch_size=34, options=options)
+    cpu = _spec("imagenet", "val", False, imagenet_tree, batch_size=34)
+    gpu_x, gpu_y = collect_epoch(build_loader("dali", gpu))
+    cpu_x, cpu_y = collect_epoch(build_loader("dali", cpu))
+    assert torch.equal(torch.cat(gpu_y).cpu(), torch.cat(cpu_y))
+    levels = (torch.cat(gpu_x).cpu() - torch.cat(cpu_x)).abs() * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    assert float(levels.mean()) <= 0.5, float(levels.mean())
 
 
 @pytest.mark.gpu

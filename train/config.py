@@ -47,6 +47,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.loader": ("torch", "dali", "ffcv", "gpu", "auto"),
     "data.augment": ("standard", "original", "none"),
     "data.dali_device": ("auto", "cpu", "gpu"),
+    "data.dali_decode": ("auto", "mixed", "cpu"),
     "data.order": ("auto", "quasi_random", "random"),
     "training.amp": ("auto", "bf16", "fp16", "off"),
     "training.criterion": ("cross_entropy",),
