@@ -399,3 +399,21 @@ def test_cuda_eval_batches_match_cpu(synthetic_dir, dtype):
     assert torch.equal(torch.cat(y0), torch.cat(y1).cpu())
     tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(images.float().cpu(), torch.cat(x0), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(400)  # includes the conversion fixture
+def test_cuda_imagenet_train_and_eval(imagenet_ffcv):
+    """ImageNet on the GPU: crop decoders on the CPU, normalization on the device (cupy fp16); eval pixels equal
+    the CPU loader's up to fp16 rounding, train batches keep the contract."""
+    device = torch.device("cuda")
+    spec = spec_for("imagenet", "train", 16, True, imagenet_ffcv, image_size=224, device=device, dtype=torch.float16)
+    assert_loader_contract(build_loader("ffcv", spec), spec, 102, 102)
+    cpu = build_loader("ffcv", spec_for("imagenet", "val", 34, False, imagenet_ffcv))
+    half = {"device": device, "dtype": torch.float16}
+    cuda = build_loader("ffcv", spec_for("imagenet", "val", 34, False, imagenet_ffcv, **half))
+    (x0, y0), (x1, y1) = collect_epoch(cpu), collect_epoch(cuda)
+    assert torch.equal(torch.cat(y0), torch.cat(y1).cpu())
+    images = torch.cat(x1)
+    assert images.device.type == "cuda" and images.dtype == torch.float16
+    torch.testing.assert_close(images.float().cpu(), torch.cat(x0), atol=2e-2, rtol=2e-3)
