@@ -201,6 +201,12 @@ def test_verdict_loader_bound_and_compute_bound():
     assert v["verdict"] == "compute-bound" and v["best_setting"].startswith("ffcv") and v["headroom_percent"] == 1.0
     fragment = tuned_fragment(compute_bound, "synthetic")
     assert fragment["loader"] == "ffcv" and fragment["data"] == {"loader": "ffcv", "workers": 2, "batch_size": 64}
+    # a setting measured with --option keys is tuned with them (not with the measurement-only subset)
+    options = {"dali_decode": "cpu", "subset": 2000}
+    tuned = Setting("synthetic", "dali", "gpu", 15, 64, "train", "resnet18", dali_device="gpu", options=options)
+    fragment = tuned_fragment([*compute_bound, make_record(tuned, "ok", images_per_second=995.0)], "synthetic")
+    assert fragment["data"] == {"loader": "dali", "workers": 15, "batch_size": 64, "dali_device": "gpu",
+                                "dali_decode": "cpu"}  # fmt: skip
     # a skipped setting never wins, and a setting without an upper bound gets no verdict
     skipped = make_record(Setting("synthetic", "dali", "gpu", 8, 64, "train", "resnet18"), "skipped", "no GPU")
     assert verdicts([_record("torch", "train", 10), skipped]) == []

@@ -9,6 +9,14 @@
 # Every step has its own time cap so one failure cannot eat the others' time; everything lands in $OUT.
 # Usage (repo root): OUT=/tmp/out IMAGENET_SAMPLE=.gpudata/imagenet-sample bash benchmarks/gpu/device_session.sh
 # FFCV: run benchmarks/gpu/stage-ffcv.sh here first and carry .gpuffcv (~27 MB) in the call; STEPS="... ffcv".
+# The sequence of session 3 (4 calls, ~10 device-minutes with the start; 64 MiB travel per call):
+#   bash benchmarks/gpu/stage-ffcv.sh; bash benchmarks/gpu/stage-dali-site.sh  # here, once
+#   1. carry .gpuffcv .gpudata .gpudali/part-00: IMAGENET_SAMPLE=$PWD/.gpudata/imagenet-sample STEPS="ffcv bgtests"
+#      TEST_CAP=240 bash benchmarks/gpu/device_session.sh   (FFCV benchmark; GPU tests go on in the background)
+#   2., 3. carry .gpudali/part-01, then part-02, at once after each other:
+#      mkdir -p /tmp/dali-parts && cp .gpudali/part-* /tmp/dali-parts/
+#   4. carry .gpudali/part-03: IMAGENET_SAMPLE=... STEPS="tests train decode" PYTEST_K=dali DALI_DECODE=cpu
+#      TEST_CAP=120 BG_WAIT=150 bash benchmarks/gpu/device_session.sh
 set -u
 OUT=${OUT:-/tmp/gpu-session}
 PY=${PY:-python3}
@@ -39,12 +47,16 @@ $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvisio
 
 step install DALI
 unxz() { if command -v xz >/dev/null; then xz -d -T0; else $PY -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)"; fi; }
-if ls .gpudali/part-* >/dev/null 2>&1 && [ ! -d .gpusite/nvidia/dali ]; then  # benchmarks/gpu/stage-dali-site.sh
+# benchmarks/gpu/stage-dali-site.sh's parts: a carried path is gone again at the next call that carries another, so
+# each call's part is kept in $DALI_PARTS (outside the checkout, kept while the machine stays warm)
+parts=${DALI_PARTS:-/tmp/dali-parts}
+mkdir -p "$parts" && { cp .gpudali/part-* "$parts/" 2>/dev/null || true; }
+if ls "$parts"/part-* >/dev/null 2>&1 && [ ! -d .gpusite/nvidia/dali ]; then
   rm -rf .gpusite.tmp && mkdir -p .gpusite.tmp  # installed only when every part is there (the xz stream is whole)
-  if (set -o pipefail; cat .gpudali/part-* | unxz | tar -x -C .gpusite.tmp) 2>/dev/null; then
+  if (set -o pipefail; cat "$parts"/part-* | unxz | tar -x -C .gpusite.tmp) 2>/dev/null; then
     rm -rf .gpusite && mv .gpusite.tmp .gpusite
   else
-    echo "DALI: $(ls .gpudali | wc -l) part(s) here, not all of them yet: not installed"; rm -rf .gpusite.tmp
+    echo "DALI: $(ls "$parts" | wc -l) part(s) in $parts, not all of them yet: not installed"; rm -rf .gpusite.tmp
   fi
 fi
 [ -d .gpusite/nvidia/dali ] && export PYTHONPATH=$repo/.gpusite${PYTHONPATH:+:$PYTHONPATH}

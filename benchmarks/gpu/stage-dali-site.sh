@@ -4,8 +4,10 @@
 # site-packages tree, trimmed of what a Python 3.12 process never loads (DALI's extension for the other Pythons,
 # C++ headers, nvCOMP's command-line tools), packed as one xz tar (~190 MB instead of 257 MB) and split into
 # .gpudali/part-NN: part-00 is FIRST_MIB (default 24) so it fits beside .gpuffcv + .gpudata in one call, the others
-# PART_MIB (default 60). On the GPU machine, once every part is there (benchmarks/gpu/device_session.sh does this):
-#   mkdir -p .gpusite && cat .gpudali/part-* | xz -d | tar -x -C .gpusite && export PYTHONPATH=$PWD/.gpusite
+# PART_MIB (default 60). Carry one part per call (`.gpudali/part-NN`) and copy it out of the checkout on arrival
+# (`cp .gpudali/part-* /tmp/dali-parts/`: a carried path is gone again at the next call that carries another); once
+# every part is there (benchmarks/gpu/device_session.sh does this, and lists the calls):
+#   mkdir -p .gpusite && cat /tmp/dali-parts/part-* | xz -d | tar -x -C .gpusite && export PYTHONPATH=$PWD/.gpusite
 # Reuses .gpuwheels/part-* when the shared script already downloaded them. Run from the project root.
 set -euo pipefail
 first=${FIRST_MIB:-24}

@@ -94,6 +94,9 @@ def verdicts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+MEASUREMENT_ONLY_OPTIONS = frozenset({"subset"})
+
+
 def tuned_fragment(records: list[dict[str, Any]], dataset: str) -> dict[str, Any] | None:
     """The best measured setting as the trainer reads it: ``{"loader": ..., "data": {<data keys>}, "benchmark":
     {<where it came from>}}`` (train mode preferred over loader-only, a GPU over the CPU)."""
@@ -111,6 +114,9 @@ def tuned_fragment(records: list[dict[str, Any]], dataset: str) -> dict[str, Any
             }
             if best.get("dali_device"):
                 data["dali_device"] = best["dali_device"]
+            # settings measured with --option keys (dali_decode, hw_decoder_load, ...) are tuned with them;
+            # keys that only shrink the measurement (subset) are not settings to train with
+            data.update({k: v for k, v in (best.get("options") or {}).items() if k not in MEASUREMENT_ONLY_OPTIONS})
             benchmark = {
                 "device": device,
                 "mode": mode,

@@ -71,6 +71,7 @@ def make_record(setting: Setting, status: str, reason: str = "", **measured: Any
         "amp": setting.amp if setting.mode != "loader" else None,
         "compile": setting.compile if setting.mode != "loader" else None,
         "divnorm": setting.divnorm if setting.mode != "loader" else None,
+        "options": dict(setting.options),  # the extra data keys it ran with (--option), e.g. dali_decode
         "images_per_second": None,
         "status": status,
         "reason": reason,
