@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tools.bench.report import format_ips, tuned_fragment, verdicts
+from tools.bench.report import format_ips, loader_label, tuned_fragment, verdicts
 from tools.bench.settings import Setting, make_record
 
 LOADERS = ("torch", "dali", "ffcv", "gpu")
@@ -204,7 +204,9 @@ def test_verdict_loader_bound_and_compute_bound():
     # a setting measured with --option keys is tuned with them (not with the measurement-only subset)
     options = {"dali_decode": "cpu", "subset": 2000}
     tuned = Setting("synthetic", "dali", "gpu", 15, 64, "train", "resnet18", dali_device="gpu", options=options)
-    fragment = tuned_fragment([*compute_bound, make_record(tuned, "ok", images_per_second=995.0)], "synthetic")
+    record = make_record(tuned, "ok", images_per_second=995.0)
+    assert loader_label(record) == "dali[gpu] dali_decode=cpu"  # how tables and plots name it
+    fragment = tuned_fragment([*compute_bound, record], "synthetic")
     assert fragment["data"] == {"loader": "dali", "workers": 15, "batch_size": 64, "dali_device": "gpu",
                                 "dali_decode": "cpu"}  # fmt: skip
     # a skipped setting never wins, and a setting without an upper bound gets no verdict

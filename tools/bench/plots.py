@@ -18,13 +18,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works without a display, and before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tools.bench.report import format_ips  # noqa: E402
+from tools.bench.report import format_ips, loader_label  # noqa: E402
 
 COLORS = {"torch": "#4C72B0", "dali": "#55A868", "ffcv": "#C44E52", "gpu": "#8172B2", "resident": "#937860"}
-
-
-def _loader_name(r: dict[str, Any]) -> str:
-    return f"{r['loader']}[{r['dali_device']}]" if r.get("dali_device") else r["loader"]
 
 
 def _panel_key(r: dict[str, Any]) -> str:
@@ -59,10 +55,10 @@ def plot_by_loader(records: list[dict[str, Any]], path: Path) -> Path:
         squeeze=False,
     )
     for ax, name in zip(axes[:, 0], names):
-        rows = sorted(panels[name], key=lambda r: (_loader_name(r), r["device"], r["workers"], r["batch_size"]))
+        rows = sorted(panels[name], key=lambda r: (loader_label(r), r["device"], r["workers"], r["batch_size"]))
         x, ticks, group_mid, position, previous = [], [], {}, 0.0, None
         for r in rows:
-            loader = _loader_name(r)
+            loader = loader_label(r)
             if previous is not None and loader != previous:
                 position += 0.8  # a gap between loader groups
             previous = loader
@@ -121,12 +117,12 @@ def plot_train_vs_loader(records: list[dict[str, Any]], path: Path) -> Path | No
                 and r["mode"] == mode
                 and r["device"] == _device
                 and (mode == "loader" or (r["model"] == _model and r.get("divnorm") == _divnorm))
-                and (loader is None or _loader_name(r) == loader)
+                and (loader is None or loader_label(r) == loader)
             ]
             return max(found, default=0.0)
 
         loaders = sorted(
-            {_loader_name(r) for r in records if r["mode"] in ("loader", "train") and r["device"] == device}
+            {loader_label(r) for r in records if r["mode"] in ("loader", "train") and r["device"] == device}
         )
         xs = range(len(loaders))
         ax.bar(

@@ -34,12 +34,24 @@ def ok(records: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
     ]
 
 
+# --option keys that only shorten a measurement: not part of a setting's name or of a tuned setting
+MEASUREMENT_ONLY_OPTIONS = frozenset({"subset"})
+
+
 def _best(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(records, key=lambda r: r["images_per_second"], default=None)
 
 
+def loader_label(record: dict[str, Any]) -> str:
+    """``dali[gpu]``-style name of a record's loader, with the ``--option`` keys it ran with (``dali[gpu]
+    dali_decode=cpu``), except those that only shorten a measurement."""
+    label = f"{record['loader']}[{record['dali_device']}]" if record.get("dali_device") else record["loader"]
+    options = {k: v for k, v in (record.get("options") or {}).items() if k not in MEASUREMENT_ONLY_OPTIONS}
+    return " ".join([label, *(f"{k}={v}" for k, v in sorted(options.items()))])
+
+
 def describe_setting(record: dict[str, Any]) -> str:
-    loader = f"{record['loader']}[{record['dali_device']}]" if record.get("dali_device") else record["loader"]
+    loader = loader_label(record)
     return f"{loader}, {record['device']}, workers {record['workers']}, batch {record['batch_size']}"
 
 
@@ -92,9 +104,6 @@ def verdicts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-MEASUREMENT_ONLY_OPTIONS = frozenset({"subset"})
 
 
 def tuned_fragment(records: list[dict[str, Any]], dataset: str) -> dict[str, Any] | None:
@@ -200,7 +209,7 @@ def pivot_tables(records: list[dict[str, Any]]) -> list[str]:
         lines.append("|---|---|---:|" + "---:|" * len(batches))
         cells: dict[tuple, dict[int, str]] = defaultdict(dict)
         for r in rows:
-            loader = f"{r['loader']}[{r['dali_device']}]" if r.get("dali_device") else r["loader"]
+            loader = loader_label(r)
             if r["status"] == "ok":
                 text = f"{format_ips(r['images_per_second'])} ({format_ips(r.get('images_per_second_min'))}–"
                 text += f"{format_ips(r.get('images_per_second_max'))})"
@@ -287,7 +296,7 @@ def markdown(result: dict[str, Any]) -> str:
     )
     lines.append("|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(ok(records), key=_setting_row_key):
-        loader = f"{r['loader']}[{r['dali_device']}]" if r.get("dali_device") else r["loader"]
+        loader = loader_label(r)
         cells = [r["mode"], r.get("model") or "", loader, r["device"], r["workers"], r["batch_size"]]
         cells += [format_ips(r["images_per_second"])]
         cells += [f"{format_ips(r.get('images_per_second_p25'))}–{format_ips(r.get('images_per_second_p75'))}"]
