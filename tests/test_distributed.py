@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -69,7 +70,8 @@ def two_rank_run(request, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=220)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return loader, root / "ddp"
+    yield loader, root / "ddp"
+    shutil.rmtree(root, ignore_errors=True)  # ~260 MB per backend (checkpoint, float64 trace)
 
 
 def test_shards_disjoint_and_cover_the_epoch(two_rank_run):

@@ -29,7 +29,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """A nonorm baseline and an ``ours`` DN AlexNet, 2 epochs on 64 synthetic 16-px images, plus their report."""
     root = tmp_path_factory.mktemp("report-runs")
@@ -38,7 +38,8 @@ def two_runs(tmp_path_factory):
         assert train_main([*argv, "--loader", "gpu", "--device", "cpu"]) == 0
     out = root / "report"
     assert report_main([str(root / "nonorm"), str(root / "ours"), "--out", str(out), "--batch", "16"]) == 0
-    return root, out
+    yield root, out
+    shutil.rmtree(root, ignore_errors=True)  # ~460 MB of checkpoints
 
 
 # ---------------------------------------------------------------------------------------------- Gini index

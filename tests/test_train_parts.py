@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import resource
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,12 +16,14 @@ from torch import nn
 from divnorm import DivisiveNorm2d
 from loaders import build_loader
 from loaders.base import LoaderSpec
-from train.checkpoint import atomic_save, conv1_weight, load, rng_state, set_rng_state
+from train.checkpoint import CheckpointWriteError, atomic_save, conv1_weight, load, rng_state, set_rng_state
 from train.config import load_config
 from train.distributed import DistributedEnv, detect_env
 from train.loop import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from train.metrics import MetricSums, correct_topk
 from train.schedule import LrSchedule, build_optimizer, parameter_groups
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_net(num_classes: int = 100) -> nn.Module:
@@ -119,6 +126,52 @@ def test_atomic_save_and_rng_round_trip(tmp_path):
     assert torch.equal(load(tmp_path / "c.pt")["x"], a)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # no temp file left behind
     assert conv1_weight(small_net()).shape == (16, 3, 3, 3)
+
+
+def _file_size_limit(limit: int):
+    """preexec_fn: a disk that is full after ``limit`` bytes per file (writes past it fail with EFBIG)."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write() instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+FULL_DISK_SAVE = """
+import sys, torch
+from train.checkpoint import CheckpointWriteError, atomic_save
+try:
+    atomic_save({"w": torch.zeros(1 << 20)}, sys.argv[1])  # 4 MiB, past the 1 MiB limit
+except CheckpointWriteError as error:
+    print(error)
+    sys.exit(3)
+"""
+
+
+def test_failed_checkpoint_write_keeps_the_old_file(tmp_path):
+    """A real short write (RLIMIT_FSIZE, which torch reports as a full disk does): a clear error naming the file,
+    the old checkpoint byte for byte, no temp file; from the CLI, exit 1 and one line, no traceback."""
+    target = tmp_path / "last.pt"
+    atomic_save({"w": torch.ones(4)}, target)
+    before = target.read_bytes()
+    env = {**os.environ, "PYTHONPATH": REPO}
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_SAVE, str(target)], env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=_file_size_limit(1 << 20))  # fmt: skip
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert f"could not write {target}" in done.stdout and "the write stopped short" in done.stdout
+    assert "MiB free" in done.stdout and "--resume" in done.stdout
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert issubclass(CheckpointWriteError, OSError)
+
+    runs = tmp_path / "runs"
+    argv = ["synthetic", "alexnet", "full", "data.subset=32", "data.batch_size=32", "data.image_size=16",
+            f"logging.runs_dir={runs}", "--epochs", "1", "--loader", "gpu", "--device", "cpu"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "train", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=240, preexec_fn=_file_size_limit(16 << 20))  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "error: could not write" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not [p for p in (runs / "full").iterdir() if p.name.startswith(".")], "temp file left behind"
 
 
 # ----------------------------------------------------------------------------------- the epoch loop itself

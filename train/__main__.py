@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(config, indent=2))
             return 0
         from loaders.base import LoaderError
+        from train.checkpoint import CheckpointWriteError
         from train.run import RunRequest, run
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LoaderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as error:  # the machine's fault, not the command's: exit 1
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the run folder holds the last completed epoch; continue with --resume", file=sys.stderr)
         return 130

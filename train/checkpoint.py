@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,9 +21,20 @@ import numpy as np
 import torch
 from torch import nn
 
+# how torch.save's zip writer reports a failed write (full disk, RLIMIT_FSIZE)
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "failed writing")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, file-size limit, no permission); the old file is intact."""
+
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace`` (all or nothing)."""
+    """``torch.save`` to a temp file beside ``path``, fsync, then ``os.replace`` (all or nothing).
+
+    A failed write (torch reports a full disk as ``[enforce fail at inline_container.cc] unexpected pos``)
+    removes the temp file and raises :class:`CheckpointWriteError`, which names the file and the free space.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -32,6 +44,17 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, RuntimeError) and not any(w in str(error) for w in _TORCH_WRITE_FAILURES):
+            raise  # not a write failure (an unpicklable object, say)
+        free = shutil.disk_usage(path.parent).free / 2**20
+        reason = "the write stopped short" if "unexpected pos" in str(error) else str(error)
+        raise CheckpointWriteError(
+            f"could not write {path} ({reason}; {free:,.0f} MiB free on its disk). The previous {path.name}, if "
+            "any, is untouched: free some space or set logging.runs_dir to a disk with room, then rerun (with "
+            "--resume where the run folder holds a last.pt)"
+        ) from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
