@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loader_dali_vs_torch import bare_train_graph  # noqa: E402  the same graph as the bare loader
+
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 
 
@@ -49,7 +52,7 @@ def best_ms_per_image(step, images: int, repeats: int) -> float:
 
 
 def dali_costs(encoded: list[np.ndarray], size: int, repeats: int) -> dict[str, float]:
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
 
     batch = len(encoded)
 
@@ -63,20 +66,7 @@ def dali_costs(encoded: list[np.ndarray], size: int, repeats: int) -> dict[str, 
             jpegs = fn.external_source(source=source, batch=True)
             if stages == 0:
                 return jpegs
-            images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
-            if stages >= 2:
-                images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
-                                   antialias=antialias)  # fmt: skip
-            if stages >= 3:
-                images = fn.crop_mirror_normalize(
-                    images,
-                    dtype=types.FLOAT,
-                    output_layout="HWC",
-                    mean=[255 * m for m in IMAGENET_MEAN],
-                    std=[255 * s for s in IMAGENET_STD],
-                    mirror=fn.random.coin_flip(),
-                )
-            return images
+            return bare_train_graph(jpegs, size, stages, antialias)
 
         p = pipe()
         p.build()

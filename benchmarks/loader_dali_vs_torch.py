@@ -39,11 +39,31 @@ from tools.bench.data import make_sample_tree  # noqa: E402
 from tools.bench.monitor import process_tree_cpu_seconds as cpu_seconds  # noqa: E402
 
 
+def bare_train_graph(jpegs, size: int, stages: int = 3, antialias: bool = True):
+    """The hand-written CPU train graph: fused decode + random crop, resize (linear, antialiased), normalize to
+    float HWC with a random flip; ``stages`` < 3 stops after the decode (1) or the resize (2)."""
+    from nvidia.dali import fn, types
+
+    images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
+    if stages >= 2:
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=antialias)
+    if stages >= 3:
+        images = fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            output_layout="HWC",
+            mean=[255 * m for m in IMAGENET_MEAN],
+            std=[255 * s for s in IMAGENET_STD],
+            mirror=fn.random.coin_flip(),
+        )
+    return images
+
+
 class BareDali:
     """The bare DALI pipeline: what a hand-written script gets, no contract (DALI's own shuffle and sharding)."""
 
     def __init__(self, root: Path, batch_size: int, threads: int, size: int = 224, prefetch: int = 2) -> None:
-        from nvidia.dali import fn, types
+        from nvidia.dali import fn
         from nvidia.dali.pipeline import Pipeline
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -53,17 +73,7 @@ class BareDali:
         )
         with pipe:
             jpegs, labels = fn.readers.file(file_root=str(root / "train"), random_shuffle=True, name="reader")
-            images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
-            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
-            images = fn.crop_mirror_normalize(
-                images,
-                dtype=types.FLOAT,
-                output_layout="HWC",
-                mean=[255 * m for m in IMAGENET_MEAN],
-                std=[255 * s for s in IMAGENET_STD],
-                mirror=fn.random.coin_flip(),
-            )
-            pipe.set_outputs(images, labels)
+            pipe.set_outputs(bare_train_graph(jpegs, size), labels)
         self.iterator = DALIGenericIterator(
             pipe, ["x", "y"], reader_name="reader", last_batch_policy=LastBatchPolicy.DROP, auto_reset=True
         )
