@@ -34,6 +34,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from train.files import write_json_atomic  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loader_dali_vs_torch import bare_train_graph  # noqa: E402  the same graph as the bare loader
@@ -156,10 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(report, indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, report)
     return report
 
 

@@ -37,6 +37,7 @@ from loaders import LoaderSpec, build_loader  # noqa: E402
 from loaders.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from tools.bench.data import make_sample_tree  # noqa: E402
 from tools.bench.monitor import process_tree_cpu_seconds as cpu_seconds  # noqa: E402
+from train.files import write_json_atomic, write_text_atomic  # noqa: E402
 
 
 def bare_train_graph(jpegs, size: int, stages: int = 3, antialias: bool = True):
@@ -159,18 +160,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(report, indent=2))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = args.out.with_suffix(".json.tmp")
-        tmp_path.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp_path, args.out)
+        write_json_atomic(args.out, report)
         lines = ["| loader | images/s | vs torch | images per CPU-s | vs torch |", "|---|---:|---:|---:|---:|"]
         for name, entry in summary.items():
             lines.append(f"| {name} | {entry['images_per_s']:.1f} | {entry['vs_torch']:.2f}x | "
                          f"{entry['images_per_cpu_s']:.1f} | {entry['cpu_vs_torch']:.2f}x |")  # fmt: skip
-        markdown = args.out.with_suffix(".md")
-        tmp_md = markdown.with_suffix(".md.tmp")
-        tmp_md.write_text(f"{report['benchmark']}\n\n`{report['command']}`\n\n" + "\n".join(lines) + "\n")
-        os.replace(tmp_md, markdown)
+        text = f"{report['benchmark']}\n\n`{report['command']}`\n\n" + "\n".join(lines) + "\n"
+        write_text_atomic(args.out.with_suffix(".md"), text)
     return report
 
 
