@@ -6,14 +6,19 @@ augmentation at 224 px (RandomResizedCrop + flip, normalized, channels-last floa
 
 * ``dali``: the DALI backend (``loaders/dali.py``), CPU pipeline, ``dali_threads`` threads;
 * ``dali-bare``: a bare DALI pipeline (``readers.file`` -> ``decoders.image_random_crop`` -> ``resize`` ->
-  ``crop_mirror_normalize`` -> ``DALIGenericIterator``), the upper bound the wrapper must not lose;
+  ``crop_mirror_normalize`` -> ``DALIGenericIterator``), the upper bound the wrapper must not lose, with DALI's
+  default executor; ``dali-bare-dynamic``: the same with the dynamic executor, which the wrapper uses;
 * ``torch``: the torch backend (PIL decode + torchvision transforms in DataLoader workers).
 
 Each loader is timed over whole epochs after a warm-up epoch; rounds interleave the loaders so that load from
 other processes hits all alike, and the median round counts. Images/s (wall clock) and images per CPU-second of
 this process and its children are reported; ratios are within this one run.
 
-    .venv/bin/python benchmarks/loader_dali_vs_torch.py --copies 20 --rounds 3 --out benchmarks/cpu-2core/dali.json
+``--images synthetic`` reads generated photo-sized JPEGs instead (``tools.bench.data.make_synthetic_jpeg_tree``:
+a smooth random colour field plus ``--synthetic-noise``, ``--synthetic-size``), for comparison with figures
+quoted on synthetic JPEGs.
+
+    .venv/bin/python benchmarks/loader_dali_vs_torch.py --copies 20 --rounds 3 --out benchmarks/cpu-2cpu/dali.json
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loaders import LoaderSpec, build_loader  # noqa: E402
 from loaders.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from tools.bench.data import make_sample_tree  # noqa: E402
+from tools.bench.data import make_sample_tree, make_synthetic_jpeg_tree  # noqa: E402
 from tools.bench.monitor import process_tree_cpu_seconds as cpu_seconds  # noqa: E402
 from train.files import write_json_atomic, write_text_atomic  # noqa: E402
 
@@ -63,14 +68,21 @@ def bare_train_graph(jpegs, size: int, stages: int = 3, antialias: bool = True):
 class BareDali:
     """The bare DALI pipeline: what a hand-written script gets, no contract (DALI's own shuffle and sharding)."""
 
-    def __init__(self, root: Path, batch_size: int, threads: int, size: int = 224, prefetch: int = 2) -> None:
+    def __init__(
+        self, root: Path, batch_size: int, threads: int, size: int = 224, prefetch: int = 2, dynamic: bool = False
+    ) -> None:
         from nvidia.dali import fn
         from nvidia.dali.pipeline import Pipeline
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         pipe = Pipeline(
-            batch_size=batch_size, num_threads=threads, device_id=None, seed=1, prefetch_queue_depth=prefetch
+            batch_size=batch_size,
+            num_threads=threads,
+            device_id=None,
+            seed=1,
+            prefetch_queue_depth=prefetch,
+            exec_dynamic=dynamic,
         )
         with pipe:
             jpegs, labels = fn.readers.file(file_root=str(root / "train"), random_shuffle=True, name="reader")
@@ -99,7 +111,12 @@ def time_epoch(loader, epoch: int) -> tuple[float, float, int]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", choices=("sample", "synthetic"), default="sample",
+                        help="the real ImageNet sample JPEGs (repeated), or synthetic photo-sized JPEGs")  # fmt: skip
     parser.add_argument("--copies", type=int, default=30, help="copies of each of the 102 sample JPEGs")
+    parser.add_argument("--synthetic-count", type=int, default=3000, help="synthetic JPEGs (--images synthetic)")
+    parser.add_argument("--synthetic-size", default="500x375", help="WIDTHxHEIGHT of the synthetic JPEGs")
+    parser.add_argument("--synthetic-noise", type=float, default=8.0, help="pixel noise sigma of the synthetic JPEGs")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="torch workers = DALI threads")
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per loader (median reported)")
@@ -110,11 +127,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="dali-bench-") as tmp:
         root = Path(tmp)
-        files, _ = make_sample_tree(root, args.copies, val_copies=0, link=True)
+        if args.images == "synthetic":
+            width, height = (int(v) for v in args.synthetic_size.split("x"))
+            files, mean_kib = make_synthetic_jpeg_tree(
+                root, args.synthetic_count, (width, height), noise=args.synthetic_noise
+            )
+            images = f"{files} synthetic JPEGs, {width}x{height}, quality 90, 4:2:0, "
+            images += f"noise sigma {args.synthetic_noise:g}, mean {mean_kib:.0f} KiB"
+        else:
+            files, _ = make_sample_tree(root, args.copies, val_copies=0, link=True)
+            images = f"the 102 real ImageNet sample JPEGs x {args.copies} (hard links)"
         loaders = {}
         for name in args.loaders.split(","):
-            if name == "dali-bare":
-                loaders[name] = BareDali(root, args.batch_size, args.workers, prefetch=args.prefetch)
+            if name in ("dali-bare", "dali-bare-dynamic"):
+                dynamic = name == "dali-bare-dynamic"
+                loaders[name] = BareDali(root, args.batch_size, args.workers, prefetch=args.prefetch, dynamic=dynamic)
                 continue
             options = {"dali_threads": args.workers, "dali_device": "cpu", "prefetch": args.prefetch}
             spec = LoaderSpec("imagenet", "train", args.batch_size, True, data_dir=str(root), workers=args.workers,
@@ -153,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
             "torch": torch.__version__,
         },  # fmt: skip
         "files": files,
+        "images": images,
         "batch_size": args.batch_size,
         "workers_or_threads": args.workers,
         "prefetch": args.prefetch,
@@ -165,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, entry in summary.items():
             lines.append(f"| {name} | {entry['images_per_s']:.1f} | {entry['vs_torch']:.2f}x | "
                          f"{entry['images_per_cpu_s']:.1f} | {entry['cpu_vs_torch']:.2f}x |")  # fmt: skip
-        text = f"{report['benchmark']}\n\n`{report['command']}`\n\n" + "\n".join(lines) + "\n"
+        text = f"{report['benchmark']}; {images}\n\n`{report['command']}`\n\n" + "\n".join(lines) + "\n"
         write_text_atomic(args.out.with_suffix(".md"), text)
     return report
 

@@ -232,3 +232,27 @@ def test_gpu_settings_use_cuda_events_and_report_memory(tmp_path):
             assert record["amp_dtype"] in ("bfloat16", "float16")
     (verdict,) = json.loads((tmp_path / "results.json").read_text())["verdicts"]
     assert verdict["device"] == "gpu" and verdict["verdict"] in ("loader-bound", "compute-bound")
+
+
+def test_synthetic_jpeg_tree_is_decodable_sized_and_deterministic(tmp_path):
+    """The DALI-vs-torch benchmark's synthetic JPEGs: real JPEG files of the asked size, one folder per class, the
+    same bytes for the same seed, and files already there are kept (a rerun reuses them)."""
+    from PIL import Image
+
+    from tools.bench.data import make_synthetic_jpeg_tree
+
+    files, mean_kib = make_synthetic_jpeg_tree(tmp_path / "a", 4, size=(64, 48), classes=2)
+    paths = sorted((tmp_path / "a" / "train").rglob("*.JPEG"))
+    assert files == 4 and [p.parent.name for p in paths] == ["class000", "class000", "class001", "class001"]
+    for path in paths:
+        with Image.open(path) as image:
+            assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (64, 48))
+            image.load()
+    assert mean_kib == pytest.approx(sum(p.stat().st_size for p in paths) / 4 / 1024)
+    make_synthetic_jpeg_tree(tmp_path / "b", 4, size=(64, 48), classes=2)
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in sorted((tmp_path / "b").rglob("*.JPEG"))]
+    make_synthetic_jpeg_tree(tmp_path / "c", 1, size=(64, 48), noise=0)
+    assert (tmp_path / "c" / "train" / "class000" / "synthetic_000000.JPEG").stat().st_size < paths[0].stat().st_size
+    stamp = paths[0].stat().st_mtime_ns
+    make_synthetic_jpeg_tree(tmp_path / "a", 4, size=(64, 48), classes=2)
+    assert paths[0].stat().st_mtime_ns == stamp
