@@ -207,25 +207,30 @@ def make_synthetic_jpeg_tree(
 
     Each image is a smooth random colour field (a 16 x 12 random image upscaled bicubically) plus Gaussian noise
     (sigma ``noise``), encoded by Pillow at ``quality`` with its default 4:2:0 chroma subsampling: photo-like file sizes
-    and decode cost, but not real photographs. Deterministic for a ``seed``; files already present are kept.
+    and decode cost, but not real photographs. File ``index`` depends on ``(seed, index)`` only; files already
+    present are kept (written atomically, so a present file is whole).
     Returns (files, mean file size in KiB).
     """
+    import io
+
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
+    from tools._convert.files import write_bytes_atomic
+
     width, height = size
     total_bytes = 0
     for index in range(count):
         target = dest / "train" / f"class{index % classes:03d}" / f"synthetic_{index:06d}.JPEG"
-        coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
-        grain = rng.normal(0.0, noise, size=(height, width, 3)) if noise else 0.0
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng((seed, index))  # per file: the same image whichever files exist
+            coarse = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
             field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float64)
-            pixels = np.clip(field + grain, 0, 255).astype(np.uint8)
-            temp = target.with_name(target.name + ".tmp")
-            Image.fromarray(pixels).save(temp, format="JPEG", quality=quality)
-            os.replace(temp, target)
+            if noise:
+                field += rng.normal(0.0, noise, size=field.shape)
+            encoded = io.BytesIO()
+            Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(encoded, format="JPEG", quality=quality)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(target, encoded.getvalue())
         total_bytes += target.stat().st_size
     return count, total_bytes / max(count, 1) / 1024
