@@ -206,17 +206,16 @@ def make_synthetic_jpeg_tree(
     """An ImageFolder tree ``dest/train/<class>/`` of ``count`` synthetic JPEGs, ``size`` = (width, height).
 
     Each image is a smooth random colour field (a 16 x 12 random image upscaled bicubically) plus Gaussian noise
-    (sigma ``noise``), encoded by Pillow at ``quality`` with its default 4:2:0 chroma subsampling: photo-like file sizes
-    and decode cost, but not real photographs. File ``index`` depends on ``(seed, index)`` only; files already
-    present are kept (written atomically, so a present file is whole).
-    Returns (files, mean file size in KiB).
+    (sigma ``noise``), encoded by the converter's ``encode_jpeg`` (baseline, 4:2:0) at ``quality``: photo-like
+    file sizes and decode cost, but not real photographs. File ``index`` depends on ``(seed, index)`` only; files
+    already present are kept (written atomically, so a present file is whole). Returns (files, mean file size in
+    KiB).
     """
-    import io
-
     import numpy as np
     from PIL import Image
 
     from tools._convert.files import write_bytes_atomic
+    from tools._convert.images import encode_jpeg
 
     width, height = size
     total_bytes = 0
@@ -228,9 +227,8 @@ def make_synthetic_jpeg_tree(
             field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float64)
             if noise:
                 field += rng.normal(0.0, noise, size=field.shape)
-            encoded = io.BytesIO()
-            Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(encoded, format="JPEG", quality=quality)
+            encoded = encode_jpeg(Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)), quality)
             target.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(target, encoded.getvalue())
+            write_bytes_atomic(target, encoded)
         total_bytes += target.stat().st_size
     return count, total_bytes / max(count, 1) / 1024
