@@ -4,10 +4,13 @@ The 102 real sample JPEGs (``../shared/data/imagenet-sample``) are repeated (har
 a few thousand files under a temporary folder; every loader reads the same tree with ImageNet training
 augmentation at 224 px (RandomResizedCrop + flip, normalized, channels-last float32 on the CPU). Compared:
 
-* ``dali``: the DALI backend (``loaders/dali.py``), CPU pipeline, ``dali_threads`` threads;
+* ``dali``: the DALI backend (``loaders/dali.py``), CPU pipeline, ``dali_threads`` threads; ``dali-no-antialias``:
+  the same with ``data.dali_train_antialias=false`` (training crops resized without the antialiasing filter);
 * ``dali-bare``: a bare DALI pipeline (``readers.file`` -> ``decoders.image_random_crop`` -> ``resize`` ->
   ``crop_mirror_normalize`` -> ``DALIGenericIterator``), the upper bound the wrapper must not lose, with DALI's
   default executor; ``dali-bare-dynamic``: the same with the dynamic executor, which the wrapper uses;
+* ``dali-bare-fastest``: ``dali-bare-dynamic`` with every CPU speed knob DALI offers for this graph, whatever it does
+  to the pixels (resize not antialiased, libjpeg-turbo's fast integer IDCT): the ceiling of DALI's CPU operators;
 * ``torch``: the torch backend (PIL decode + torchvision transforms in DataLoader workers).
 
 Each loader is timed over whole epochs after a warm-up epoch; rounds interleave the loaders so that load from
@@ -45,12 +48,13 @@ from tools.bench.monitor import process_tree_cpu_seconds as cpu_seconds  # noqa:
 from train.files import write_json_atomic, write_text_atomic  # noqa: E402
 
 
-def bare_train_graph(jpegs, size: int, stages: int = 3, antialias: bool = True):
+def bare_train_graph(jpegs, size: int, stages: int = 3, antialias: bool = True, fast_idct: bool = False):
     """The hand-written CPU train graph: fused decode + random crop, resize (linear, antialiased), normalize to
-    float HWC with a random flip; ``stages`` < 3 stops after the decode (1) or the resize (2)."""
+    float HWC with a random flip; ``stages`` < 3 stops after the decode (1) or the resize (2). ``antialias=False``
+    and ``fast_idct=True`` trade pixel fidelity for speed."""
     from nvidia.dali import fn, types
 
-    images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
+    images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB, use_fast_idct=fast_idct)
     if stages >= 2:
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=antialias)
     if stages >= 3:
@@ -69,7 +73,14 @@ class BareDali:
     """The bare DALI pipeline: what a hand-written script gets, no contract (DALI's own shuffle and sharding)."""
 
     def __init__(
-        self, root: Path, batch_size: int, threads: int, size: int = 224, prefetch: int = 2, dynamic: bool = False
+        self,
+        root: Path,
+        batch_size: int,
+        threads: int,
+        size: int = 224,
+        prefetch: int = 2,
+        dynamic: bool = False,
+        fastest: bool = False,
     ) -> None:
         from nvidia.dali import fn
         from nvidia.dali.pipeline import Pipeline
@@ -86,7 +97,8 @@ class BareDali:
         )
         with pipe:
             jpegs, labels = fn.readers.file(file_root=str(root / "train"), random_shuffle=True, name="reader")
-            pipe.set_outputs(bare_train_graph(jpegs, size), labels)
+            graph = bare_train_graph(jpegs, size, antialias=not fastest, fast_idct=fastest)
+            pipe.set_outputs(graph, labels)
         self.iterator = DALIGenericIterator(
             pipe, ["x", "y"], reader_name="reader", last_batch_policy=LastBatchPolicy.DROP, auto_reset=True
         )
@@ -139,14 +151,21 @@ def main(argv: list[str] | None = None) -> dict:
             images = f"the 102 real ImageNet sample JPEGs x {args.copies} (hard links)"
         loaders = {}
         for name in args.loaders.split(","):
-            if name in ("dali-bare", "dali-bare-dynamic"):
-                dynamic = name == "dali-bare-dynamic"
-                loaders[name] = BareDali(root, args.batch_size, args.workers, prefetch=args.prefetch, dynamic=dynamic)
+            if name.startswith("dali-bare"):
+                if name not in ("dali-bare", "dali-bare-dynamic", "dali-bare-fastest"):
+                    parser.error(f"unknown loader {name!r}")
+                dynamic, fastest = name != "dali-bare", name == "dali-bare-fastest"
+                loaders[name] = BareDali(
+                    root, args.batch_size, args.workers, prefetch=args.prefetch, dynamic=dynamic, fastest=fastest
+                )
                 continue
             options = {"dali_threads": args.workers, "dali_device": "cpu", "prefetch": args.prefetch}
+            backend = name
+            if name == "dali-no-antialias":
+                backend, options["dali_train_antialias"] = "dali", False
             spec = LoaderSpec("imagenet", "train", args.batch_size, True, data_dir=str(root), workers=args.workers,
                               options=options)  # fmt: skip
-            loaders[name] = build_loader(name, spec)
+            loaders[name] = build_loader(backend, spec)
         for loader in loaders.values():  # warm-up: worker start, page cache, allocator
             time_epoch(loader, 0)
         results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in loaders}

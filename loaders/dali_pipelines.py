@@ -11,8 +11,8 @@ Graphs (mean/std in 0-255 units, output fp16 or fp32, layout HWC or CHW):
   libjpeg-turbo on DALI's CPU threads, the decoded (cropped) images then moved to the GPU for resize and
   normalization.
 * JPEG train: ``decoders.image_random_crop`` (fused decode + RandomResizedCrop window, area ``crop_scale``,
-  aspect ``crop_ratio``) -> ``resize`` to ``image_size`` (linear, antialiased) -> ``crop_mirror_normalize``
-  with a coin-flip mirror.
+  aspect ``crop_ratio``) -> ``resize`` to ``image_size`` (linear, antialiased as torchvision's; not antialiased
+  with ``train_antialias=False``) -> ``crop_mirror_normalize`` with a coin-flip mirror.
 * JPEG eval: ``decoders.image`` -> ``resize`` shorter side to ``val_resize`` -> centre crop ``image_size``
   (torchvision's sizes and offsets to the pixel) -> ``crop_mirror_normalize``.
   ImageNet training always uses the random-resized-crop graph (the ``augment`` preset is for CIFAR-style sets,
@@ -61,6 +61,7 @@ class PipelineConfig:
     crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
     val_resize: int = 256
     hw_decoder_load: float = 0.65
+    train_antialias: bool = True  # False: training resizes skip the antialiasing filter (faster, aliased pixels)
     decode: str = "mixed"  # GPU pipelines: "mixed" (nvJPEG / hardware decoder) or "cpu" (libjpeg-turbo, then .gpu())
     prefetch: int = 2
     seed: int = 42
@@ -108,7 +109,7 @@ def _jpeg_graph(jpegs, config: PipelineConfig):
             resize_x=config.image_size,
             resize_y=config.image_size,
             interp_type=types.INTERP_LINEAR,
-            antialias=True,
+            antialias=config.train_antialias,
         )
         return _normalize(images, config, mirror=fn.random.coin_flip(probability=0.5))
     images = fn.decoders.image(jpegs, output_type=types.RGB, adjust_orientation=False, **decoder)
@@ -189,7 +190,7 @@ def _array_graph(images, config: PipelineConfig):
             resize_x=config.image_size,
             resize_y=config.image_size,
             interp_type=types.INTERP_LINEAR,
-            antialias=True,
+            antialias=config.train_antialias or not config.train,
         )
     return _normalize(images, config, mirror=mirror)
 

@@ -60,7 +60,7 @@ def test_data_section_has_every_shared_key():
     keys = {
         "path", "gpu", "loader", "batch_size", "eval_batch_size", "workers", "subset", "augment", "crop_scale",
         "crop_ratio", "image_size", "val_resize", "prefetch", "pin_memory", "dali_device", "dali_threads",
-        "hw_decoder_load", "dali_decode", "os_cache", "batches_ahead", "progressive_resolution",
+        "hw_decoder_load", "dali_decode", "dali_train_antialias", "os_cache", "batches_ahead", "progressive_resolution",
         "progressive_start_res", "progressive_end_res", "progressive_start_epoch", "progressive_end_epoch",
     }  # fmt: skip
     data = defaults()["data"]
