@@ -170,7 +170,7 @@ def test_train_antialias_off_changes_only_the_resize_filter(imagenet_tree):
         return torch.cat(images) * scale, torch.cat(labels)
 
     smooth, smooth_y = epoch(True)
-    aliased, aliased_y = epoch("false")  # as a key=value override arrives
+    aliased, aliased_y = epoch("false")  # the loader also takes the string an API caller may pass
     assert torch.equal(smooth_y, aliased_y)
     levels = (smooth - aliased).abs()
     means = (smooth.mean(dim=(2, 3)) - aliased.mean(dim=(2, 3))).abs()
