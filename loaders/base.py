@@ -62,6 +62,15 @@ class LoaderSpec:
         value = self.options.get(key, default) if self.options else default
         return default if value is None else value
 
+    def flag(self, key: str, default: bool) -> bool:
+        """A true/false backend setting; the strings ``"true"`` / ``"false"`` count, anything else is an error."""
+        value = self.option(key, default)
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise LoaderError(f"data-{key} must be true or false, got {value!r}")
+        return value
+
 
 class Loader(ABC):
     """Base class of every backend; see the module docstring for the contract."""

@@ -123,15 +123,6 @@ def choose_decode(spec: LoaderSpec, device_kind: str) -> str:
     return "cpu" if mode == "cpu" else "mixed"
 
 
-def _flag(spec: LoaderSpec, key: str, default: bool) -> bool:
-    value = spec.option(key, default)
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if not isinstance(value, bool):
-        raise LoaderError(f"data-{key} must be true or false, got {value!r}")
-    return value
-
-
 def _pair(spec: LoaderSpec, key: str, default: tuple[float, float]) -> tuple[float, float]:
     value = spec.option(key, default)
     try:
@@ -214,7 +205,7 @@ class DaliLoader(Loader):
             crop_ratio=_pair(spec, "crop_ratio", (0.75, 4.0 / 3.0)),
             val_resize=int(spec.option("val_resize", 256)),
             hw_decoder_load=float(spec.option("hw_decoder_load", 0.65)),
-            train_antialias=_flag(spec, "dali_train_antialias", True),
+            train_antialias=spec.flag("dali_train_antialias", True),
             prefetch=max(1, int(spec.option("prefetch", 2))),
             seed=(spec.seed * 1_009 + spec.rank) % (2**31 - 1),
             source_size=source_size,

@@ -192,7 +192,7 @@ class FfcvLoader(Loader):
             raise LoaderError(f"unknown data.order {order!r}; choose one of: {', '.join(ORDERS)}")
         if order == "quasi_random" and spec.world_size > 1:
             raise LoaderError("data.order quasi_random is single-process only (FFCV); use auto or random under DDP")
-        self.progressive = bool(spec.option("progressive_resolution", False)) and spec.train
+        self.progressive = spec.flag("progressive_resolution", False) and spec.train
         if self.progressive and info.in_memory:
             raise LoaderError("data.progressive_resolution is for ImageNet; 32-px sets are not resized")
 
@@ -236,7 +236,7 @@ class FfcvLoader(Loader):
             device=str(device),
             normalize_dtype=normalize_dtype,
             workers=pipeline_module.effective_workers(spec.workers),
-            os_cache=bool(spec.option("os_cache", True)),
+            os_cache=spec.flag("os_cache", True),
         )
         self.pipeline, self.built_pipeline = pipeline_module.compiled_pipeline(self.config)
         super().__init__(spec, subset_size(spec, self.pipeline.num_samples))

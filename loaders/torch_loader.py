@@ -136,7 +136,7 @@ class TorchLoader(Loader):
                 sampler=self.sampler,
                 num_workers=workers,
                 drop_last=self.spec.train,
-                pin_memory=self.on_cuda and bool(self.spec.option("pin_memory", True)),
+                pin_memory=self.on_cuda and self.spec.flag("pin_memory", True),
                 persistent_workers=workers > 0,
                 prefetch_factor=int(self.spec.option("prefetch", 2)) if workers > 0 else None,
             )
