@@ -27,7 +27,7 @@ from loaders.datasets import synthetic_arrays
 from train.__main__ import main
 from train.checkpoint import load
 from train.data import build_split_loader, loader_spec
-from train.run import RunRequest, build_network
+from train.run import build_network
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
@@ -110,7 +110,7 @@ def test_validation_accuracy_equals_single_process(two_rank_run):
     config.pop("run")
     reduced = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])["val"]
     assert reduced["samples"] == N
-    net = build_network(RunRequest("synthetic", MODEL, "eval", config))
+    net = build_network("synthetic", MODEL, config)
     net.load_state_dict(load(folder / "last.pt")["model"])
     net.eval()
     spec = loader_spec(config, "synthetic", "val", False, torch.device("cpu"), torch.float32)

@@ -60,13 +60,18 @@ def test_run_folder_contents(straight_run):
     assert summary["images_per_second"] > 0 and summary["wall_seconds"] > 0
     assert summary["epochs"] == 2 and summary["dataset"] == "synthetic" and summary["loader"] == "gpu"
     assert summary["best_epoch"] in (1, 2) and summary["stopped"] == "completed"
+    assert summary["compile"] == {"setting": "auto", "enabled": False, "mode": None, "seconds": 0.0,
+                                  "fallback_error": None}  # fmt: skip
+    assert summary["compile_seconds"] == 0
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
     for line in lines:
         assert line["train"]["samples"] == 64 and line["val"]["samples"] == 64
-        assert line["train"]["data_seconds"] + line["train"]["compute_seconds"] == pytest.approx(
-            line["train"]["seconds"], rel=1e-4
+        train = line["train"]
+        assert train["data_seconds"] + train["compute_seconds"] + train["compile_seconds"] == pytest.approx(
+            train["seconds"], rel=1e-4
         )
+        assert train["compile_seconds"] == 0  # training.compile=auto is eager on the CPU
     config = json.loads((folder / "config.json").read_text())
     assert config["data"]["subset"] == 64 and config["run"]["model"] == "alexnet"
     conv1 = torch.load(folder / "conv1.pt")

@@ -39,6 +39,7 @@ UNION_TYPES: dict[str, tuple[type, ...]] = {
     "model.divnorm_specs.eps": (float, int),
     "model.divnorm_specs.power": (int, float),
     "optimizer.dampening": (float, int),
+    "training.compile": (str, bool),  # auto | true | false
 }
 
 # Keys with a fixed set of values.
@@ -50,6 +51,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.dali_decode": ("auto", "mixed", "cpu"),
     "data.order": ("auto", "quasi_random", "random"),
     "training.amp": ("auto", "bf16", "fp16", "off"),
+    "training.compile": ("auto", True, False),
+    "training.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "training.criterion": ("cross_entropy",),
     "optimizer.name": ("sgd", "adam", "adamw"),
     "lr_scheduler.name": ("steplr", "plateau", "cosine", "onecycle", "none"),
@@ -163,7 +166,8 @@ def check_value(key: str, value: Any, default: Any, source: str = "override") ->
         if len(value) != len(default) or not all(isinstance(v, numeric) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{key}={json.dumps(value)} ({source}): expected a list of {len(default)} numbers")
     if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{key}={value!r} ({source}) is not valid; choose one of: {', '.join(CHOICES[key])}")
+        choices = ", ".join(c if isinstance(c, str) else json.dumps(c) for c in CHOICES[key])
+        raise ConfigError(f"{key}={value!r} ({source}) is not valid; choose one of: {choices}")
     return value
 
 

@@ -9,6 +9,7 @@ device sync), so a slow loader shows up as data wait.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from loaders.base import Loader
+from train.compiled import CompileGuard
 from train.distributed import DistributedEnv
 from train.metrics import MetricSums
 from train.schedule import LrSchedule
@@ -42,6 +44,13 @@ class TrainState:
     grad_clip: float | None = None
     refresh_steps: int = 50
     global_step: int = 0
+    compiler: CompileGuard | None = None  # set: the model called is the guard's (compiled, or eager after a failure)
+
+    def call(self, work: Callable[[nn.Module], Any], key: tuple) -> tuple[Any, float]:
+        """``work(model)`` with the model to call now; returns its result and the seconds spent compiling."""
+        if self.compiler is None:
+            return work(self.model), 0.0
+        return self.compiler.run(work, key)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -85,7 +94,8 @@ def train_one_epoch(
     loader.set_epoch(epoch)
     sums = MetricSums(device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-    data_seconds = 0.0
+    data_seconds = compile_seconds = 0.0
+    compile_samples = 0
     steps = 0
     total = len(loader)
     synchronize(device)
@@ -99,22 +109,11 @@ def train_one_epoch(
             break
         data_seconds += time.perf_counter() - wait
         state.schedule.step(state.global_step)
-        with state.autocast():
-            logits = model(images)
-            loss = state.criterion(logits, labels)
-        state.optimizer.zero_grad(set_to_none=True)
-        if state.scaler is not None:
-            state.scaler.scale(loss).backward()
-            if state.grad_clip:
-                state.scaler.unscale_(state.optimizer)  # clip the true gradients, not the scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip)
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-        else:
-            loss.backward()
-            if state.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip)
-            state.optimizer.step()
+        step = functools.partial(train_step, state, images=images, labels=labels)
+        (loss, logits), compiling = state.call(step, ("train", images.shape))
+        if compiling:  # a step that compiled is compile time, not training throughput
+            compile_seconds += compiling
+            compile_samples += labels.shape[0]
         sums.update(loss, logits.float(), labels)
         # remember the first non-finite step on the device; checked at the next sync point
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), state.global_step, first_bad)
@@ -132,11 +131,16 @@ def train_one_epoch(
     _check_finite(first_bad, state, epoch)
     result = sums.result(state.env)
     images_total = result["samples"]  # all ranks together
+    timed = max(seconds - compile_seconds, 1e-9)
+    # the compiling steps are left out of images/s (on every rank alike, so the world's share is scaled)
+    timed_images = images_total - compile_samples * state.env.world_size
     result.update(
         seconds=seconds,
         data_seconds=data_seconds,
-        compute_seconds=max(seconds - data_seconds, 0.0),
-        images_per_second=images_total / max(seconds, 1e-9),
+        compute_seconds=max(seconds - data_seconds - compile_seconds, 0.0),
+        compile_seconds=compile_seconds,
+        timed_samples=max(timed_images, 0),
+        images_per_second=timed_images / timed if timed_images > 0 else images_total / max(seconds, 1e-9),
         steps=steps,
         lr=state.optimizer.param_groups[0]["lr"],
     )
@@ -145,21 +149,51 @@ def train_one_epoch(
     return result
 
 
+def train_step(
+    state: TrainState, model: nn.Module, *, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward and optimizer step on one batch; returns (loss, logits). One AMP branch, here only."""
+    with state.autocast():
+        logits = model(images)
+        loss = state.criterion(logits, labels)
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.scaler is not None:
+        state.scaler.scale(loss).backward()
+        if state.grad_clip:
+            state.scaler.unscale_(state.optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        loss.backward()
+        if state.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip)
+        state.optimizer.step()
+    return loss, logits
+
+
+def _forward(state: TrainState, model: nn.Module, *, images: torch.Tensor) -> torch.Tensor:
+    with state.autocast():
+        return model(images)
+
+
 @torch.no_grad()
 def evaluate(state: TrainState, loader: Loader) -> dict[str, Any]:
     """Loss (plain cross-entropy, no label smoothing), top-1 and top-5 over the whole split, all ranks."""
-    model, device = state.model, state.device
-    model.eval()
+    device = state.device
+    state.model.eval()
     sums = MetricSums(device)
     synchronize(device)
     start = time.perf_counter()
+    compile_seconds = 0.0
     for images, labels in loader:
-        with state.autocast():
-            logits = model(images)
+        logits, compiling = state.call(functools.partial(_forward, state, images=images), ("eval", images.shape))
+        compile_seconds += compiling
         logits = logits.float()
         loss = nn.functional.cross_entropy(logits, labels)
         sums.update(loss, logits, labels)
     synchronize(device)
     result = sums.result(state.env)
     result["seconds"] = time.perf_counter() - start
+    result["compile_seconds"] = compile_seconds
     return result

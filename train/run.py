@@ -1,19 +1,25 @@
-"""One training run end to end: build, (resume), train/validate per epoch, test, write the run folder.
+"""One training run end to end: set up, (resume), train/validate per epoch, test, write the run folder.
 
 Run folder ``<logging.runs_dir>/<exp>/`` (rank 0 writes, every file atomically):
 
 * ``config.json``   the fully resolved config (plus dataset / model / exp);
-* ``metrics.jsonl`` one line per epoch: train/val loss, top-1, top-5, lr, images/s, data-wait and compute time;
+* ``metrics.jsonl`` one line per epoch: train/val loss, top-1, top-5, lr, images/s, data-wait, compute and compile
+  time;
 * ``last.pt``       full state after the latest epoch (``--resume`` continues from it), ``best.pt`` the weights
   of the best validation top-1;
 * ``conv1.pt``      the first convolution's filters: ``{"initial", "best", "final"}``;
-* ``summary.json``  ``val`` / ``test`` ``{"top1", "top5", "loss"}``, ``images_per_second``, ``wall_seconds``, ...
+* ``summary.json``  ``val`` / ``test`` ``{"top1", "top5", "loss"}``, ``images_per_second``, ``wall_seconds``,
+  ``compile`` ...
+
+:class:`Run` holds the run's parts and walks its steps, each a screen or less: :meth:`Run.prepare` (folder,
+loaders, network, optimizer, compile), :meth:`Run.restore` (``--resume``), :meth:`Run.begin` (files written at
+the start), :meth:`Run.train` -> :meth:`Run.epoch` (train, validate, book-keep, :meth:`Run.save`), and
+:meth:`Run.finish` (test with the best weights, ``summary.json``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +31,8 @@ from torch import nn
 
 from train import checkpoint as ckpt
 from train import distributed
+from train.build import amp_name, build_network, resolve_amp, resolve_device, split_cpu_threads
+from train.compiled import CompileGuard, resolve_compile
 from train.config import ConfigError
 from train.data import build_split_loader, loader_spec, resolve_loader_name
 from train.files import write_json_atomic as write_json
@@ -32,7 +40,10 @@ from train.loop import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from train.metrics import MetricsLog, progress_bar_factory
 from train.schedule import LrSchedule, build_optimizer
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["Run", "RunRequest", "build_network", "resolve_amp", "resolve_device", "run"]
+
+# files of a run that --overwrite removes before starting again
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "conv1.pt", "samples.pt")
 
 
 @dataclass
@@ -49,134 +60,22 @@ class RunRequest:
     start_time: float = field(default_factory=time.perf_counter)
 
 
-def resolve_device(name: str, env: distributed.DistributedEnv) -> torch.device:
-    """``auto`` -> CUDA when present; ``cuda`` without a GPU is a clear error. One GPU per local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda, but no CUDA GPU is visible to PyTorch; use --device cpu")
-        if env.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {env.local_rank} has no GPU ({torch.cuda.device_count()} visible)")
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
-    return torch.device("cpu")
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 on CUDA, off on CPU (CPU bf16 autocast is slower without AMX); fp16 needs CUDA."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("training.amp=fp16 needs CUDA (its GradScaler is for GPUs); use bf16 or off on CPU")
-    return AMP_DTYPES.get(amp)
-
-
-def build_network(request: RunRequest) -> nn.Module:
-    """``models.create_model`` with the config's model section (imported here: train depends on models)."""
-    import models
-    from loaders.datasets import dataset_info
-
-    info = dataset_info(request.dataset)
-    image_size = request.config["data"]["image_size"] or info.image_size
-    try:
-        return models.create_model(
-            request.model,
-            num_classes=info.num_classes,
-            model_config=request.config["model"],
-            image_size=32 if image_size <= 64 else 224,
-        )
-    except (KeyError, ValueError) as error:
-        raise ConfigError(f"model config: {error}") from None
-
-
-def _cpu_threads(env: distributed.DistributedEnv) -> None:
-    """Split the CPU cores between the processes of this node (torchrun sets LOCAL_WORLD_SIZE)."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size if env.enabled else 1))
-    if local > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-
-
 def run(request: RunRequest, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, validate, test; returns the summary (rank 0 also writes it)."""
-    config = request.config
     env = distributed.detect_env()
-    device = resolve_device(config["device"], env)
+    device = resolve_device(request.config["device"], env)
     if device.type == "cpu":
-        _cpu_threads(env)
-    distributed.init(env, device, config["distributed"]["backend"])
-    main = env.is_main
-    say = log if main else (lambda _msg: None)
+        split_cpu_threads(env)
+    distributed.init(env, device, request.config["distributed"]["backend"])
     try:
-        return _run(request, env, device, main, say)
+        return Run(request, env, device, log if env.is_main else (lambda _msg: None)).execute()
     finally:
         distributed.shutdown()
 
 
-def _run(
-    request: RunRequest, env: distributed.DistributedEnv, device: torch.device, main: bool, say: Callable[[str], None]
-) -> dict[str, Any]:
-    config, training = request.config, request.config["training"]
-    folder = Path(config["logging"]["runs_dir"]) / request.exp
-    last_path = folder / "last.pt"
-    state_ckpt = _check_folder(request, folder, last_path) if main else None
-    state_ckpt = distributed.broadcast_object(state_ckpt is not None, env) and ckpt.load(last_path)
-
-    loader_name = resolve_loader_name(config, request.dataset, say)
-    amp_dtype = resolve_amp(training["amp"], device)
-
-    def make(split: str, train: bool):
-        dtype = amp_dtype or torch.float32
-        spec = loader_spec(
-            config, request.dataset, split, train, device, dtype, env.rank, env.world_size, request.download
-        )
-        return build_split_loader(loader_name, spec)
-
-    # loaders first: a missing data set fails before the model is built
-    train_loader, val_loader = make("train", True), make("val", False)
-    torch.manual_seed(int(config["seed"]))
-    net = build_network(request)
-    memory_format = torch.channels_last if training["channels_last"] else torch.contiguous_format
-    net = net.to(device=device, memory_format=memory_format)
-    if env.enabled:  # same init on every rank (seed above), then per-rank streams (dropout differs across ranks)
-        ckpt.seed_all(distributed.rank_seed(int(config["seed"]), env.rank))
-    if env.enabled and config["distributed"]["sync_bn"]:
-        if device.type == "cuda":
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        else:
-            say("distributed.sync_bn ignored: SyncBatchNorm needs CUDA")
-
-    epochs = int(training["epochs"])
-    batch = int(config["data"]["batch_size"])
-    lr = float(config["optimizer"]["lr"])
-    if config["distributed"]["scale_lr"]:
-        lr *= batch * env.world_size / config["distributed"]["base_batch_size"]
-    optimizer = build_optimizer(net, config["optimizer"], lr)
-    schedule = LrSchedule(optimizer, config["lr_scheduler"], lr, epochs, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    model: nn.Module = net
-    if env.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        find_unused = config["distributed"]["find_unused_parameters"]
-        model = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=find_unused)
-    if training["compile"]:
-        model = torch.compile(model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=float(training["label_smoothing"]))
-    state = TrainState(
-        model,
-        optimizer,
-        schedule,
-        criterion,
-        device,
-        env,
-        amp_dtype,
-        scaler,
-        training["grad_clip"],
-        max(int(config["logging"]["refresh_steps"]), 1),
-    )
-
-    conv1 = {"initial": ckpt.conv1_weight(net)}
-    book = {
+def new_book() -> dict[str, Any]:
+    """Best-so-far and throughput bookkeeping, saved in ``last.pt`` (plain numbers only)."""
+    return {
         "epoch": 0,
         "best_top1": -math.inf,
         "best_epoch": None,
@@ -186,84 +85,288 @@ def _run(
         "train_seconds": 0.0,
         "train_images": 0,
         "data_seconds": 0.0,
+        "compile_seconds": 0.0,
     }
-    if state_ckpt:
-        net.load_state_dict(state_ckpt["model"])
-        optimizer.load_state_dict(state_ckpt["optimizer"])
-        if scaler is not None and state_ckpt.get("scaler"):
-            scaler.load_state_dict(state_ckpt["scaler"])
-        schedule.load_state_dict(state_ckpt["schedule"])
-        state.global_step = int(state_ckpt["global_step"])
-        book.update(state_ckpt["book"])
-        conv1 = dict(state_ckpt.get("conv1", conv1))
-        if len(state_ckpt["rng"]) == env.world_size:  # same number of ranks: continue every stream exactly
-            ckpt.set_rng_state(state_ckpt["rng"][env.rank])
-        else:  # another world size: fresh per-rank streams (the loaders' shuffles depend only on seed and epoch)
-            ckpt.seed_all(distributed.rank_seed(int(config["seed"]), env.rank, book["epoch"]))
-            say(f"resuming {len(state_ckpt['rng'])}-rank checkpoint on {env.world_size} rank(s): RNG reseeded per rank")
-        say(f"resumed {last_path} at epoch {book['epoch']} (step {state.global_step})")
-    metrics_log = MetricsLog(folder / "metrics.jsonl", enabled=main)
-    if main:
-        metrics_log.truncate_after(book["epoch"])
-        meta = {"dataset": request.dataset, "model": request.model, "exp": request.exp, "loader": loader_name}
-        write_json(folder / "config.json", {**config, "run": meta})
-        if config["checkpoint"]["save_conv1"]:
-            ckpt.save_conv1(folder / "conv1.pt", conv1)
-    say(
-        f"{request.dataset} / {request.model} / loader {loader_name} / {device} x{env.world_size} / "
-        f"amp {training['amp']} / {len(train_loader)} steps per epoch / run folder {folder}"
-    )
 
-    record: list[torch.Tensor] | None = [] if training["record_samples"] else None
-    progress = progress_bar_factory(config["logging"]["progress_bar"], main)
-    stop_reason = "completed"
-    for epoch in range(book["epoch"], epochs):
+
+class Run:
+    """One run's parts (loaders, network, optimizer, state, bookkeeping) and the steps that use them."""
+
+    def __init__(
+        self, request: RunRequest, env: distributed.DistributedEnv, device: torch.device, say: Callable[[str], None]
+    ) -> None:
+        self.request, self.env, self.device, self.say = request, env, device, say
+        self.config = request.config
+        self.training = request.config["training"]
+        self.folder = Path(self.config["logging"]["runs_dir"]) / request.exp
+        self.book = new_book()
+        self.record: list[torch.Tensor] | None = [] if self.training["record_samples"] else None
+
+    def execute(self) -> dict[str, Any]:
+        """prepare -> restore -> begin -> train -> finish."""
+        checkpoint = self.prepare()
+        if checkpoint:
+            self.restore(checkpoint)
+        self.begin()
+        stop_reason = self.train()
+        summary = self.finish(stop_reason)
+        if self.record is not None:
+            self._write_record()
+        return summary
+
+    # -- set-up --------------------------------------------------------------------------------------------------
+
+    def prepare(self) -> dict[str, Any] | None:
+        """Check the folder, build loaders (a missing data set fails first), network, optimizer, compile wrapper.
+
+        Returns the checkpoint to resume from (``None`` for a fresh run).
+        """
+        request, env, device, config, training = self.request, self.env, self.device, self.config, self.training
+        last_path = self.folder / "last.pt"
+        wants_resume = _check_folder(request, self.folder, last_path) if env.is_main else None
+        checkpoint = ckpt.load(last_path) if distributed.broadcast_object(wants_resume is not None, env) else None
+
+        self.loader_name = resolve_loader_name(config, request.dataset, self.say)
+        self.amp_dtype = resolve_amp(training["amp"], device)
+        self.train_loader, self.val_loader = self.make_loader("train", True), self.make_loader("val", False)
+
+        torch.manual_seed(int(config["seed"]))
+        net = build_network(request.dataset, request.model, config)
+        memory_format = torch.channels_last if training["channels_last"] else torch.contiguous_format
+        self.net = net = net.to(device=device, memory_format=memory_format)
+        if env.enabled:  # same init on every rank (seed above), then per-rank streams (dropout differs across ranks)
+            ckpt.seed_all(distributed.rank_seed(int(config["seed"]), env.rank))
+        if env.enabled and config["distributed"]["sync_bn"]:
+            if device.type == "cuda":
+                net = self.net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            else:
+                self.say("distributed.sync_bn ignored: SyncBatchNorm needs CUDA")
+
+        batch = int(config["data"]["batch_size"])
+        lr = float(config["optimizer"]["lr"])
+        if config["distributed"]["scale_lr"]:
+            lr *= batch * env.world_size / config["distributed"]["base_batch_size"]
+        optimizer = build_optimizer(net, config["optimizer"], lr)
+        schedule = LrSchedule(optimizer, config["lr_scheduler"], lr, int(training["epochs"]), len(self.train_loader))
+        scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        model: nn.Module = net
+        if env.enabled:
+            ids = [device.index] if device.type == "cuda" else None
+            find_unused = config["distributed"]["find_unused_parameters"]
+            model = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=find_unused)
+        self.compiler = CompileGuard(
+            model,
+            enabled=resolve_compile(training["compile"], device),
+            mode=training["compile_mode"],
+            device=device,
+            say=self.say,
+        )
+        self.state = TrainState(
+            model,
+            optimizer,
+            schedule,
+            nn.CrossEntropyLoss(label_smoothing=float(training["label_smoothing"])),
+            device,
+            env,
+            self.amp_dtype,
+            scaler,
+            training["grad_clip"],
+            max(int(config["logging"]["refresh_steps"]), 1),
+            compiler=self.compiler,
+        )
+        self.conv1 = {"initial": ckpt.conv1_weight(net)}
+        return checkpoint
+
+    def make_loader(self, split: str, train: bool):
+        """The loader of ``split`` (train augmentation when ``train``), in the AMP dtype, for this rank."""
+        request, env = self.request, self.env
+        spec = loader_spec(
+            self.config,
+            request.dataset,
+            split,
+            train,
+            self.device,
+            self.amp_dtype or torch.float32,
+            env.rank,
+            env.world_size,
+            request.download,
+        )
+        return build_split_loader(self.loader_name, spec)
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from ``last.pt``: weights, optimizer, scaler, schedule, step, bookkeeping, RNG streams."""
+        state, env = self.state, self.env
+        self.net.load_state_dict(checkpoint["model"])
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        if state.scaler is not None and checkpoint.get("scaler"):
+            state.scaler.load_state_dict(checkpoint["scaler"])
+        state.schedule.load_state_dict(checkpoint["schedule"])
+        state.global_step = int(checkpoint["global_step"])
+        self.book.update(checkpoint["book"])
+        self.conv1 = dict(checkpoint.get("conv1", self.conv1))
+        if len(checkpoint["rng"]) == env.world_size:  # same number of ranks: continue every stream exactly
+            ckpt.set_rng_state(checkpoint["rng"][env.rank])
+        else:  # another world size: fresh per-rank streams (the loaders' shuffles depend only on seed and epoch)
+            ckpt.seed_all(distributed.rank_seed(int(self.config["seed"]), env.rank, self.book["epoch"]))
+            ranks = len(checkpoint["rng"])
+            self.say(f"resuming {ranks}-rank checkpoint on {env.world_size} rank(s): RNG reseeded per rank")
+        self.say(f"resumed {self.folder / 'last.pt'} at epoch {self.book['epoch']} (step {state.global_step})")
+
+    def begin(self) -> None:
+        """Write config.json (and conv1.pt's initial filters), open metrics.jsonl, print the run's line."""
+        request, training = self.request, self.training
+        self.metrics_log = MetricsLog(self.folder / "metrics.jsonl", enabled=self.env.is_main)
+        if self.env.is_main:
+            self.metrics_log.truncate_after(self.book["epoch"])
+            meta = {"dataset": request.dataset, "model": request.model, "exp": request.exp, "loader": self.loader_name}
+            write_json(self.folder / "config.json", {**self.config, "run": meta})
+            if self.config["checkpoint"]["save_conv1"]:
+                ckpt.save_conv1(self.folder / "conv1.pt", self.conv1)
+        compiled = f"compile {self.compiler.mode}" if self.compiler.enabled else "eager"
+        self.say(
+            f"{request.dataset} / {request.model} / loader {self.loader_name} / {self.device} x{self.env.world_size} / "
+            f"amp {training['amp']} / {compiled} / {len(self.train_loader)} steps per epoch / run folder {self.folder}"
+        )
+
+    # -- epochs --------------------------------------------------------------------------------------------------
+
+    def train(self) -> str:
+        """Every remaining epoch; returns why training stopped: completed, early_stop or nonfinite."""
+        epochs = int(self.training["epochs"])
+        self.progress = progress_bar_factory(self.config["logging"]["progress_bar"], self.env.is_main)
+        for epoch in range(self.book["epoch"], epochs):
+            stop = self.epoch(epoch, epochs)
+            if stop:
+                return stop
+        return "completed"
+
+    def epoch(self, epoch: int, epochs: int) -> str | None:
+        """Train and (every ``eval_every``) validate one epoch, book-keep, save; a stop reason or ``None``."""
+        state, book, training = self.state, self.book, self.training
         try:
-            train_metrics = train_one_epoch(state, train_loader, epoch, progress(epoch, epochs), record)
-            distributed.broadcast_buffers(net, env)  # every rank validates and saves rank 0's BN statistics
-            _check_divnorm(net)
+            train_metrics = train_one_epoch(state, self.train_loader, epoch, self.progress(epoch, epochs), self.record)
+            distributed.broadcast_buffers(self.net, self.env)  # every rank validates and saves rank 0's BN stats
+            _check_divnorm(self.net)
         except (NonFiniteLossError, FloatingPointError) as error:
-            say(f"stopped: {error}")
-            stop_reason = "nonfinite"
-            break
-        book["train_seconds"] += train_metrics["seconds"]
+            self.say(f"stopped: {error}")
+            return "nonfinite"
+        book["train_seconds"] += train_metrics["seconds"] - train_metrics["compile_seconds"]
+        book["train_images"] += train_metrics["timed_samples"]
         book["data_seconds"] += train_metrics["data_seconds"]
-        book["train_images"] += train_metrics["samples"]
-        last_epoch = epoch + 1 == epochs
+        book["compile_seconds"] += train_metrics["compile_seconds"]
         val_metrics = None
-        if (epoch + 1) % max(int(training["eval_every"]), 1) == 0 or last_epoch:
-            val_metrics = evaluate(state, val_loader)
-        schedule.end_epoch(val_metrics["loss"] if val_metrics else None)
+        if (epoch + 1) % max(int(training["eval_every"]), 1) == 0 or epoch + 1 == epochs:
+            val_metrics = evaluate(state, self.val_loader)
+            book["compile_seconds"] += val_metrics["compile_seconds"]
+        state.schedule.end_epoch(val_metrics["loss"] if val_metrics else None)
         improved = val_metrics is not None and val_metrics["top1"] > book["best_top1"]
         if improved:
             book.update(best_top1=val_metrics["top1"], best_epoch=epoch + 1, best_val=_public(val_metrics))
-            conv1["best"] = ckpt.conv1_weight(net)
+            self.conv1["best"] = ckpt.conv1_weight(self.net)
         if val_metrics is not None:
             if val_metrics["loss"] < book["best_loss"]:
                 book.update(best_loss=val_metrics["loss"], bad_epochs=0)
             else:
                 book["bad_epochs"] += 1
         book["epoch"] = epoch + 1
-        early = training["early_stop"] and book["bad_epochs"] >= int(training["patience"])
-        conv1["final"] = ckpt.conv1_weight(net)
-        if main:
-            record_line = {"epoch": epoch + 1, "lr": train_metrics["lr"], "train": _rounded(train_metrics)}
+        self.conv1["final"] = ckpt.conv1_weight(self.net)
+        if self.env.is_main:
+            line = {"epoch": epoch + 1, "lr": train_metrics["lr"], "train": _rounded(train_metrics)}
             if val_metrics is not None:
-                record_line["val"] = _rounded(val_metrics)
-            metrics_log.append(record_line)
-            _save(folder, config, net, optimizer, scaler, schedule, state, book, conv1, improved, val_metrics, env)
-        else:
-            _save(folder, config, net, optimizer, scaler, schedule, state, book, conv1, False, None, env)
-        say(_epoch_line(epoch + 1, epochs, train_metrics, val_metrics))
-        if early:
-            say(f"early stop: validation loss did not improve for {training['patience']} epochs")
-            stop_reason = "early_stop"
-            break
+                line["val"] = _rounded(val_metrics)
+            self.metrics_log.append(line)
+        self.save(improved, val_metrics)
+        self.say(_epoch_line(epoch + 1, epochs, train_metrics, val_metrics))
+        if training["early_stop"] and book["bad_epochs"] >= int(training["patience"]):
+            self.say(f"early stop: validation loss did not improve for {training['patience']} epochs")
+            return "early_stop"
+        return None
 
-    summary = _finish(request, env, device, state, net, folder, book, conv1, loader_name, stop_reason, make, say)
-    if record is not None:
-        _write_record(folder, record, net, env)
-    return summary
+    def save(self, improved: bool, val_metrics: dict[str, Any] | None) -> None:
+        """last.pt every epoch (with every rank's RNG state), best.pt on improvement; rank 0 writes."""
+        rngs = distributed.gather_objects(ckpt.rng_state(), self.env)  # collective: every rank calls it
+        if not self.env.is_main:
+            return
+        state, folder, saving = self.state, self.folder, self.config["checkpoint"]
+        if saving["save_last"]:
+            ckpt.atomic_save(
+                {
+                    "model": ckpt.model_state(self.net),
+                    "optimizer": state.optimizer.state_dict(),
+                    "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+                    "schedule": state.schedule.state_dict(),
+                    "global_step": state.global_step,
+                    "book": self.book,
+                    "conv1": self.conv1,
+                    "rng": rngs,
+                    "config": self.config,
+                },
+                folder / "last.pt",
+            )
+        if improved and saving["save_best"]:
+            best = {"model": ckpt.model_state(self.net), "epoch": self.book["epoch"], "val": _public(val_metrics)}
+            ckpt.atomic_save(best, folder / "best.pt")
+        if saving["save_conv1"]:
+            ckpt.save_conv1(folder / "conv1.pt", self.conv1)
+
+    # -- the end -------------------------------------------------------------------------------------------------
+
+    def finish(self, stop_reason: str) -> dict[str, Any]:
+        """Test with the best weights, write summary.json, print the final line."""
+        request, env, book, config = self.request, self.env, self.book, self.config
+        test_metrics = None
+        best_path = self.folder / "best.pt"
+        if config["training"]["test_at_end"] and book["epoch"] > 0:
+            has_best = distributed.broadcast_object(best_path.is_file() if env.is_main else None, env)
+            final_state = ckpt.model_state(self.net)
+            if has_best:  # every rank reads rank 0's file (same file system in one node; multi-node: shared runs_dir)
+                self.net.load_state_dict(ckpt.load(best_path)["model"])
+            test_metrics = evaluate(self.state, self.make_loader("test", False))
+            self.net.load_state_dict(final_state)
+        wall = time.perf_counter() - request.start_time
+        summary = {
+            "exp": request.exp,
+            "dataset": request.dataset,
+            "model": request.model,
+            "loader": self.loader_name,
+            "device": str(self.device),
+            "world_size": env.world_size,
+            "amp": amp_name(self.amp_dtype),
+            "compile": self.compiler.describe(self.training["compile"]),
+            "compile_seconds": book["compile_seconds"],
+            "epochs": book["epoch"],
+            "epochs_planned": int(config["training"]["epochs"]),
+            "best_epoch": book["best_epoch"],
+            "stopped": stop_reason,
+            "val": book["best_val"],
+            "test": _public(test_metrics) if test_metrics else None,
+            "images_per_second": book["train_images"] / max(book["train_seconds"], 1e-9),
+            "data_wait_fraction": book["data_seconds"] / max(book["train_seconds"], 1e-9),
+            "train_seconds": book["train_seconds"],
+            "wall_seconds": wall,
+            "parameters": sum(p.numel() for p in self.net.parameters()),
+        }
+        if env.is_main:
+            write_json(self.folder / "summary.json", summary)
+        test = summary["test"] or {"top1": math.nan, "top5": math.nan}
+        self.say(
+            f"done: {request.exp}: test top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}%"
+            f" (best val top-1 {book['best_top1']:.2f}% at epoch {book['best_epoch']}), "
+            f"{summary['images_per_second']:.0f} images/s, {wall:.1f} s wall -> {self.folder / 'summary.json'}"
+        )
+        return summary
+
+    def _write_record(self) -> None:
+        """Debug trace (``training.record_samples``): per rank, the (label, pixel sum) of every training sample
+        seen and the final flat parameters; gathered to rank 0, written to ``samples.pt``."""
+        record = self.record or []
+        mine = {
+            "samples": torch.cat(record) if record else torch.empty(0, 2, dtype=torch.float64),
+            "params": torch.cat([p.detach().cpu().double().flatten() for p in self.net.parameters()]),
+        }
+        everyone = distributed.gather_objects(mine, self.env)
+        if self.env.is_main:
+            ckpt.atomic_save({"ranks": everyone}, self.folder / "samples.pt")
 
 
 def _check_folder(request: RunRequest, folder: Path, last_path: Path) -> bool | None:
@@ -278,93 +381,9 @@ def _check_folder(request: RunRequest, folder: Path, last_path: Path) -> bool | 
                 f"run folder {folder} already exists; pass --resume to continue it, --overwrite to start again, "
                 "or choose another experiment name"
             )
-        for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "conv1.pt", "samples.pt"):
+        for name in RUN_FILES:
             (folder / name).unlink(missing_ok=True)
     return None
-
-
-def _save(folder, config, net, optimizer, scaler, schedule, state, book, conv1, improved, val_metrics, env) -> None:
-    """last.pt every epoch (with every rank's RNG state), best.pt on improvement; rank 0 writes."""
-    rngs = distributed.gather_objects(ckpt.rng_state(), env)  # collective: every rank calls it
-    if not env.is_main:
-        return
-    if config["checkpoint"]["save_last"]:
-        ckpt.atomic_save(
-            {
-                "model": ckpt.model_state(net),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "schedule": schedule.state_dict(),
-                "global_step": state.global_step,
-                "book": book,
-                "conv1": conv1,
-                "rng": rngs,
-                "config": config,
-            },
-            folder / "last.pt",
-        )
-    if improved and config["checkpoint"]["save_best"]:
-        ckpt.atomic_save(
-            {"model": ckpt.model_state(net), "epoch": book["epoch"], "val": _public(val_metrics)}, folder / "best.pt"
-        )
-    if config["checkpoint"]["save_conv1"]:
-        ckpt.save_conv1(folder / "conv1.pt", conv1)
-
-
-def _finish(request, env, device, state, net, folder, book, conv1, loader_name, stop_reason, make, say):
-    """Test with the best weights, write summary.json, print the final line."""
-    config = request.config
-    test_metrics = None
-    best_path = folder / "best.pt"
-    if config["training"]["test_at_end"] and book["epoch"] > 0:
-        has_best = distributed.broadcast_object(best_path.is_file() if env.is_main else None, env)
-        final_state = ckpt.model_state(net)
-        if has_best:  # every rank reads rank 0's file (same file system in one node; multi-node: shared runs_dir)
-            net.load_state_dict(ckpt.load(best_path)["model"])
-        test_metrics = evaluate(state, make("test", False))
-        net.load_state_dict(final_state)
-    wall = time.perf_counter() - request.start_time
-    summary = {
-        "exp": request.exp,
-        "dataset": request.dataset,
-        "model": request.model,
-        "loader": loader_name,
-        "device": str(device),
-        "world_size": env.world_size,
-        "amp": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(state.amp_dtype, "off"),
-        "epochs": book["epoch"],
-        "epochs_planned": int(config["training"]["epochs"]),
-        "best_epoch": book["best_epoch"],
-        "stopped": stop_reason,
-        "val": book["best_val"],
-        "test": _public(test_metrics) if test_metrics else None,
-        "images_per_second": book["train_images"] / max(book["train_seconds"], 1e-9),
-        "data_wait_fraction": book["data_seconds"] / max(book["train_seconds"], 1e-9),
-        "train_seconds": book["train_seconds"],
-        "wall_seconds": wall,
-        "parameters": sum(p.numel() for p in net.parameters()),
-    }
-    if env.is_main:
-        write_json(folder / "summary.json", summary)
-    test = summary["test"] or {"top1": math.nan, "top5": math.nan}
-    say(
-        f"done: {request.exp}: test top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}%"
-        f" (best val top-1 {book['best_top1']:.2f}% at epoch {book['best_epoch']}), "
-        f"{summary['images_per_second']:.0f} images/s, {wall:.1f} s wall -> {folder / 'summary.json'}"
-    )
-    return summary
-
-
-def _write_record(folder: Path, record: list[torch.Tensor], net: nn.Module, env) -> None:
-    """Debug trace (``training.record_samples``): per rank, the (label, pixel sum) of every training sample
-    seen and the final flat parameters; gathered to rank 0, written to ``samples.pt``."""
-    mine = {
-        "samples": torch.cat(record) if record else torch.empty(0, 2, dtype=torch.float64),
-        "params": torch.cat([p.detach().cpu().double().flatten() for p in net.parameters()]),
-    }
-    everyone = distributed.gather_objects(mine, env)
-    if env.is_main:
-        ckpt.atomic_save({"ranks": everyone}, folder / "samples.pt")
 
 
 def _public(metrics: dict[str, Any] | None) -> dict[str, float] | None:
@@ -381,8 +400,11 @@ def _epoch_line(epoch: int, epochs: int, train: dict[str, Any], val: dict[str, A
     line = (
         f"epoch {epoch}/{epochs}: train loss {train['loss']:.4f} top-1 {train['top1']:.2f}% | "
         f"{train['images_per_second']:.0f} img/s (data wait {train['data_seconds']:.1f} s, compute "
-        f"{train['compute_seconds']:.1f} s) | lr {train['lr']:.4g}"
+        f"{train['compute_seconds']:.1f} s"
     )
+    if train.get("compile_seconds"):
+        line += f", compile {train['compile_seconds']:.1f} s"
+    line += f") | lr {train['lr']:.4g}"
     if val is not None:
         line += f" | val loss {val['loss']:.4f} top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}%"
     return line
@@ -390,8 +412,6 @@ def _epoch_line(epoch: int, epochs: int, train: dict[str, Any], val: dict[str, A
 
 def _check_divnorm(net: nn.Module) -> None:
     """Divergence inside a divisive normalization layer (NaN gamma/sigma) stops the run like a NaN loss."""
-    try:
-        from divnorm.common import check_finite
-    except ImportError:  # pragma: no cover
-        return
+    from divnorm.common import check_finite
+
     check_finite(net)

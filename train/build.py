@@ -1,0 +1,71 @@
+"""The run's parts from its config: device, AMP dtype, network, CPU threads, compile setting.
+
+Each function turns a config value into the object it names and raises :class:`train.config.ConfigError` with the
+fix when the machine cannot honour it (``--device cuda`` without a GPU, fp16 on the CPU).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from train import distributed
+from train.config import ConfigError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str, env: distributed.DistributedEnv) -> torch.device:
+    """``auto`` -> CUDA when present; ``cuda`` without a GPU is a clear error. One GPU per local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda, but no CUDA GPU is visible to PyTorch; use --device cpu")
+        if env.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {env.local_rank} has no GPU ({torch.cuda.device_count()} visible)")
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 on CUDA, off on CPU (CPU bf16 autocast is slower without AMX); fp16 needs CUDA."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("training.amp=fp16 needs CUDA (its GradScaler is for GPUs); use bf16 or off on CPU")
+    return AMP_DTYPES.get(amp)
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """The summary's name of an AMP dtype: bf16, fp16 or off."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")
+
+
+def build_network(dataset: str, model: str, config: dict[str, Any]) -> nn.Module:
+    """``models.create_model`` with the config's model section (imported here: train depends on models)."""
+    import models
+    from loaders.datasets import dataset_info
+
+    info = dataset_info(dataset)
+    image_size = config["data"]["image_size"] or info.image_size
+    try:
+        return models.create_model(
+            model,
+            num_classes=info.num_classes,
+            model_config=config["model"],
+            image_size=32 if image_size <= 64 else 224,
+        )
+    except (KeyError, ValueError) as error:
+        raise ConfigError(f"model config: {error}") from None
+
+
+def split_cpu_threads(env: distributed.DistributedEnv) -> None:
+    """Split the CPU cores between the processes of this node (torchrun sets LOCAL_WORLD_SIZE)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size if env.enabled else 1))
+    if local > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
