@@ -146,16 +146,33 @@ class TensorLoader(Loader):
         seed = (self.spec.seed * 1_000_003 + self.epoch) * 65_537 + self.spec.rank + 1
         return torch.Generator(device=self.spec.device).manual_seed(seed)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch_plan(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The epoch's ``(indices, offsets, flips)`` for all ``num_samples`` samples, on the device.
+
+        Drawn in one go per epoch (seeded by seed, epoch and rank), so batch ``k`` is rows ``k*B:(k+1)*B`` whoever
+        builds it: this iterator, a resumed run starting mid-epoch, or the CUDA-graph step (train/graphed.py),
+        which reads its batch from static copies of these tensors.
+        """
         spec, device = self.spec, self.spec.device
         order = shard_indices(self.dataset_size, spec, self.epoch)[: self.num_samples].to(device, non_blocking=True)
-        generator = self._generator()
+        offsets, flips = draw_crop_flip(len(order), self._generator(), augment=self.augment, device=device)
+        return order, offsets, flips
+
+    def make_batch(
+        self, indices: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized images and labels of one batch: one gather + one fused normalize (no host sync)."""
+        images = self.normalizer(self.store.gather(indices, offsets, flips))
+        return images, self.labels.index_select(0, indices)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        spec, device = self.spec, self.spec.device
+        order, all_offsets, all_flips = self.epoch_plan()
         for start in range(0, self.num_samples, spec.batch_size):
             with batch_threads(device):
-                indices = order[start : start + spec.batch_size]
-                offsets, flips = draw_crop_flip(len(indices), generator, augment=self.augment, device=device)
-                images = self.normalizer(self.store.gather(indices, offsets, flips))
-                labels = self.labels.index_select(0, indices)
+                rows = slice(start, start + spec.batch_size)
+                indices, offsets, flips = order[rows], all_offsets[rows], all_flips[rows]
+                images, labels = self.make_batch(indices, offsets, flips)
             self.last_augmentation = (indices, offsets, flips)
             yield images, labels
 

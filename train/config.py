@@ -40,6 +40,7 @@ UNION_TYPES: dict[str, tuple[type, ...]] = {
     "model.divnorm_specs.power": (int, float),
     "optimizer.dampening": (float, int),
     "training.compile": (str, bool),  # auto | true | false
+    "training.cuda_graphs": (str, bool),  # auto | true | false
 }
 
 # Keys with a fixed set of values.
@@ -52,6 +53,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.order": ("auto", "quasi_random", "random"),
     "training.amp": ("auto", "bf16", "fp16", "off"),
     "training.compile": ("auto", True, False),
+    "training.cuda_graphs": ("auto", True, False),
     "training.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "training.criterion": ("cross_entropy",),
     "optimizer.name": ("sgd", "adam", "adamw"),

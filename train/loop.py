@@ -142,7 +142,7 @@ def train_one_epoch(
         timed_samples=max(timed_images, 0),
         images_per_second=timed_images / timed if timed_images > 0 else images_total / max(seconds, 1e-9),
         steps=steps,
-        lr=state.optimizer.param_groups[0]["lr"],
+        lr=float(state.optimizer.param_groups[0]["lr"]),  # a device tensor under CUDA graphs
     )
     if progress is not None:
         progress(steps, total, result["images_per_second"] / state.env.world_size)

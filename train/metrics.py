@@ -38,8 +38,9 @@ class MetricSums:
         """Add one batch (``loss`` is the batch mean). Tensor ops only: safe on the hot path."""
         top1, top5 = correct_topk(logits.detach(), labels)
         n = labels.shape[0]
-        step = torch.stack([loss.detach().double() * n, top1.double(), top5.double(), loss.new_tensor(n).double()])
-        self.sums += step
+        # torch.full, not new_tensor: a fill kernel rather than a host-to-device copy, so a CUDA graph can hold it
+        count = torch.full((), n, dtype=torch.float64, device=loss.device)
+        self.sums += torch.stack([loss.detach().double() * n, top1.double(), top5.double(), count])
 
     def result(self, env: DistributedEnv) -> dict[str, float]:
         """Loss (mean per sample), top-1 and top-5 (percent) over all ranks; one sync."""

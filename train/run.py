@@ -19,6 +19,7 @@ the start), :meth:`Run.train` -> :meth:`Run.epoch` (train, validate, book-keep, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from train.compiled import CompileGuard, resolve_compile
 from train.config import ConfigError
 from train.data import build_split_loader, loader_spec, resolve_loader_name
 from train.files import write_json_atomic as write_json
+from train.graphed import GraphedSteps, graphs_blocker, train_one_epoch_graphed
 from train.loop import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from train.metrics import MetricsLog, progress_bar_factory
 from train.schedule import LrSchedule, build_optimizer
@@ -44,6 +46,9 @@ __all__ = ["Run", "RunRequest", "build_network", "resolve_amp", "resolve_device"
 
 # files of a run that --overwrite removes before starting again
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "conv1.pt", "samples.pt")
+# evaluation batch of the tensor-resident loader on a GPU when data.eval_batch_size is unset: no gradients are kept,
+# so a large batch costs little memory and makes evaluation a small share of an epoch
+RESIDENT_EVAL_BATCH = 1024
 
 
 @dataclass
@@ -146,7 +151,9 @@ class Run:
         lr = float(config["optimizer"]["lr"])
         if config["distributed"]["scale_lr"]:
             lr *= batch * env.world_size / config["distributed"]["base_batch_size"]
-        optimizer = build_optimizer(net, config["optimizer"], lr)
+        self.cuda_graphs = self._resolve_cuda_graphs()
+        fused = device.type == "cuda"  # one kernel for all parameters (and capturable)
+        optimizer = build_optimizer(net, config["optimizer"], lr, fused=fused, lr_on_device=self.cuda_graphs)
         schedule = LrSchedule(optimizer, config["lr_scheduler"], lr, int(training["epochs"]), len(self.train_loader))
         scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         model: nn.Module = net
@@ -174,8 +181,29 @@ class Run:
             max(int(config["logging"]["refresh_steps"]), 1),
             compiler=self.compiler,
         )
+        self.graphed = GraphedSteps(self.state, self.train_loader) if self.cuda_graphs else None
         self.conv1 = {"initial": ckpt.conv1_weight(net)}
         return checkpoint
+
+    def _resolve_cuda_graphs(self) -> bool:
+        """``training.cuda_graphs``: auto -> on where possible (else off, one line why); true -> on or an error."""
+        setting = self.training["cuda_graphs"]
+        if setting is False:
+            return False
+        blocker = graphs_blocker(
+            device=self.device,
+            loader=self.train_loader,
+            world_size=self.env.world_size,
+            amp=amp_name(self.amp_dtype),
+            compile_mode=self.training["compile_mode"],
+            record_samples=bool(self.training["record_samples"]),
+        )
+        if blocker is None:
+            return True
+        if setting is True:
+            raise ConfigError(f"training.cuda_graphs=true is not possible here: {blocker}; use auto or false")
+        self.say(f"cuda graphs off: {blocker}")
+        return False
 
     def make_loader(self, split: str, train: bool):
         """The loader of ``split`` (train augmentation when ``train``), in the AMP dtype, for this rank."""
@@ -191,6 +219,13 @@ class Run:
             env.world_size,
             request.download,
         )
+        if (
+            not train
+            and self.loader_name == "gpu"
+            and self.device.type == "cuda"
+            and not self.config["data"]["eval_batch_size"]
+        ):
+            spec = dataclasses.replace(spec, batch_size=max(spec.batch_size, RESIDENT_EVAL_BATCH))
         return build_split_loader(self.loader_name, spec)
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
@@ -201,6 +236,9 @@ class Run:
         if state.scaler is not None and checkpoint.get("scaler"):
             state.scaler.load_state_dict(checkpoint["scaler"])
         state.schedule.load_state_dict(checkpoint["schedule"])
+        if self.cuda_graphs:  # the captured step reads the learning rate from a device tensor, whatever was saved
+            for group in state.optimizer.param_groups:
+                group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).to(self.device).clone()
         state.global_step = int(checkpoint["global_step"])
         self.book.update(checkpoint["book"])
         self.conv1 = dict(checkpoint.get("conv1", self.conv1))
@@ -223,6 +261,7 @@ class Run:
             if self.config["checkpoint"]["save_conv1"]:
                 ckpt.save_conv1(self.folder / "conv1.pt", self.conv1)
         compiled = f"compile {self.compiler.mode}" if self.compiler.enabled else "eager"
+        compiled += " + cuda graphs" if self.graphed is not None else ""
         self.say(
             f"{request.dataset} / {request.model} / loader {self.loader_name} / {self.device} x{self.env.world_size} / "
             f"amp {training['amp']} / {compiled} / {len(self.train_loader)} steps per epoch / run folder {self.folder}"
@@ -244,7 +283,11 @@ class Run:
         """Train and (every ``eval_every``) validate one epoch, book-keep, save; a stop reason or ``None``."""
         state, book, training = self.state, self.book, self.training
         try:
-            train_metrics = train_one_epoch(state, self.train_loader, epoch, self.progress(epoch, epochs), self.record)
+            progress = self.progress(epoch, epochs)
+            if self.graphed is not None:
+                train_metrics = train_one_epoch_graphed(state, self.graphed, epoch, progress)
+            else:
+                train_metrics = train_one_epoch(state, self.train_loader, epoch, progress, self.record)
             distributed.broadcast_buffers(self.net, self.env)  # every rank validates and saves rank 0's BN stats
             _check_divnorm(self.net)
         except (NonFiniteLossError, FloatingPointError) as error:

@@ -64,16 +64,32 @@ def parameter_groups(model: nn.Module, weight_decay: float, no_decay_on_norm: bo
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], lr: float) -> torch.optim.Optimizer:
-    """SGD (momentum, dampening, nesterov) or Adam/AdamW from the config's ``optimizer`` section."""
+def build_optimizer(
+    model: nn.Module, cfg: Mapping[str, Any], lr: float, *, fused: bool = False, lr_on_device: bool = False
+) -> torch.optim.Optimizer:
+    """SGD (momentum, dampening, nesterov) or Adam/AdamW from the config's ``optimizer`` section.
+
+    ``fused``: torch's fused kernels (one launch for all parameters; CUDA). ``lr_on_device``: the learning rate is
+    a 1-element tensor on the parameters' device that :meth:`LrSchedule.step` writes in place, so a captured CUDA
+    graph reads each step's value without a host sync.
+    """
     groups = parameter_groups(model, cfg["weight_decay"], cfg["no_weight_decay_on_norm"])
     name = cfg["name"]
+    options: dict[str, Any] = {"fused": True} if fused else {}
+    if lr_on_device:
+        device = next((p.device for group in groups for p in group["params"]), torch.device("cpu"))
+        for group in groups:
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
     if name == "sgd":
         nesterov = cfg["nesterov"] and cfg["momentum"] > 0 and cfg["dampening"] == 0
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg["momentum"], dampening=cfg["dampening"], nesterov=nesterov)
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=cfg["momentum"], dampening=cfg["dampening"], nesterov=nesterov, **options
+        )
     betas = (cfg["beta1"], cfg["beta2"])
     optimizer_class = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=lr, betas=betas, eps=cfg["eps"], amsgrad=cfg["amsgrad"])
+    if lr_on_device and not fused:
+        options["capturable"] = True  # Adam's step counter on the device as well
+    return optimizer_class(groups, lr=lr, betas=betas, eps=cfg["eps"], amsgrad=cfg["amsgrad"], **options)
 
 
 class LrSchedule:
@@ -120,7 +136,10 @@ class LrSchedule:
         """Set the learning rate of every parameter group for global step ``step``; returns it."""
         lr = self.base_lr * self.multiplier(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):  # a device tensor a CUDA graph reads: written in place, no sync
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         return lr
 
     def end_epoch(self, val_loss: float | None) -> None:

@@ -1,0 +1,131 @@
+"""``training.cuda_graphs``: the whole-step graph of the tensor-resident path.
+
+On the CPU the captured step's code runs without capture (:class:`train.graphed.GraphedSteps` with
+``capture=False``): it must train exactly like the ordinary loop (same batches from the epoch plan, the learning
+rate read from a device tensor, the same metric sums). The capture itself and its speed are GPU matters (marked).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from loaders import build_loader
+from loaders.base import LoaderSpec
+from train.__main__ import main
+from train.config import load_config
+from train.distributed import DistributedEnv
+from train.graphed import GraphedSteps, graphs_blocker, train_one_epoch_graphed
+from train.loop import TrainState, train_one_epoch
+from train.schedule import LrSchedule, build_optimizer
+
+from .test_train_parts import small_net
+from .test_train_run import SMALL
+
+
+def resident_loader(device: torch.device, batch: int = 32, subset: int = 160) -> object:
+    spec = LoaderSpec("synthetic", "train", batch, True, device=device, seed=3, options={"subset": subset})
+    return build_loader("gpu", spec)
+
+
+def make_state(net: nn.Module, device: torch.device, *, lr_on_device: bool, fused: bool = False, amp=None):
+    cfg = load_config("synthetic", "alexnet")
+    optimizer = build_optimizer(net, cfg["optimizer"], 0.05, fused=fused, lr_on_device=lr_on_device)
+    # cosine: the learning rate changes every step, so a stale (captured) value would show
+    schedule = LrSchedule(optimizer, {**cfg["lr_scheduler"], "name": "cosine", "t_max": 3}, 0.05, 3, 5)
+    return TrainState(net, optimizer, schedule, nn.CrossEntropyLoss(), device, DistributedEnv(), amp,
+                      refresh_steps=2)  # fmt: skip
+
+
+def test_the_step_code_trains_exactly_like_the_loop_on_cpu():
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    reference = small_net().to(memory_format=torch.channels_last)
+    graphed_net = small_net().to(memory_format=torch.channels_last)
+    graphed_net.load_state_dict(reference.state_dict())
+    loop_state = make_state(reference, device, lr_on_device=True)  # the same float32 learning rate in both
+    graph_state = make_state(graphed_net, device, lr_on_device=True)
+    assert isinstance(graph_state.optimizer.param_groups[0]["lr"], torch.Tensor)
+    loader = resident_loader(device)
+    steps = GraphedSteps(graph_state, resident_loader(device), capture=False)
+    for epoch in range(2):
+        want = train_one_epoch(loop_state, loader, epoch)
+        got = train_one_epoch_graphed(graph_state, steps, epoch)
+        for key in ("loss", "top1", "top5", "samples", "steps", "lr"):
+            assert got[key] == want[key], key
+        assert got["lr"] != 0.05  # the schedule moved the device learning rate
+    assert loop_state.global_step == graph_state.global_step == 10 and int(steps.global_step) == 10
+    for (name, a), b in zip(reference.state_dict().items(), graphed_net.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_nan_inside_the_step_is_reported_with_its_step():
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    state = make_state(small_net(), device, lr_on_device=True)
+    state.schedule.base_lr = 1e30  # the first update blows the weights up; the loss goes non-finite after it
+    steps = GraphedSteps(state, resident_loader(device), capture=False)
+    with pytest.raises(FloatingPointError, match=r"NaN/inf at step [1-4] \(epoch 1\)"):
+        train_one_epoch_graphed(state, steps, 0)
+
+
+def test_blocker_names_the_reason():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    loader = resident_loader(cpu, subset=64)
+    ok = {"device": cuda, "loader": loader, "world_size": 1, "amp": "bf16", "compile_mode": "default",
+          "record_samples": False}  # fmt: skip
+    assert graphs_blocker(**ok) is None
+    for change, words in (({"device": cpu}, "CUDA device"), ({"loader": object()}, "--loader gpu"),
+                          ({"world_size": 2}, "one process"), ({"amp": "fp16"}, "GradScaler"),
+                          ({"compile_mode": "reduce-overhead"}, "reduce-overhead"),
+                          ({"record_samples": True}, "record_samples")):  # fmt: skip
+        assert words in graphs_blocker(**{**ok, **change})
+
+
+@pytest.mark.slow
+def test_cuda_graphs_true_without_a_gpu_is_one_line_and_auto_says_why(tmp_path, capsys):
+    argv = ["synthetic", "alexnet", "g", *SMALL, f"logging.runs_dir={tmp_path}", "--epochs", "1", "--loader", "gpu",
+            "--device", "cpu"]  # fmt: skip
+    assert main([*argv, "training.cuda_graphs=true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training.cuda_graphs=true is not possible here: CUDA graphs need a CUDA device" in err[0]
+    assert main([*argv, "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("cuda graphs off: CUDA graphs need a CUDA device") == 1
+    config = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert config["training"]["cuda_graphs"] == "auto"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_captured_steps_match_eager_steps_on_cuda(compiled):
+    """Same seed, same batches: N steps replayed from the graph vs the same steps eagerly (bf16 tolerance)."""
+    from train.compiled import CompileGuard
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    nets = [small_net().to(device, memory_format=torch.channels_last) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    results = []
+    for net, capture in zip(nets, (False, True)):
+        state = make_state(net, device, lr_on_device=True, fused=True, amp=torch.bfloat16)
+        state.compiler = CompileGuard(net, enabled=compiled, device=device, say=print)
+        steps = GraphedSteps(state, resident_loader(device), capture=capture)
+        results.append([train_one_epoch_graphed(state, steps, epoch) for epoch in range(3)])
+        assert (steps.graph is not None) == capture
+    for want, got in zip(*results):
+        assert got["loss"] == pytest.approx(want["loss"], rel=2e-2)
+    for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+@pytest.mark.gpu
+def test_trainer_uses_cuda_graphs_on_the_resident_loader(tmp_path):
+    argv = ["synthetic", "alexnet", "cg", *SMALL, f"logging.runs_dir={tmp_path}", "--epochs", "2", "--loader", "gpu",
+            "--device", "cuda", "training.cuda_graphs=true"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "cg" / "summary.json").read_text())
+    assert summary["test"] is not None and summary["epochs"] == 2

@@ -1,0 +1,217 @@
+"""``training.cuda_graphs``: the whole training step of the tensor-resident path as one replayed CUDA graph.
+
+For small models (AlexNet / ResNet-18 at 32 px) a step is well under a millisecond of GPU work but several of
+Python and kernel launches, so the GPU waits on the host. Here the batch gather + crop / flip / normalize, forward,
+backward, optimizer step, metric sums and the NaN flag of one step are captured once (PyTorch's "whole-network
+capture": warm-up on a side stream, the optimizer step inside the graph, static inputs) and replayed every step.
+Per step the host does two things: write the step's learning rate into the optimizer's device tensor (a fill
+kernel, no sync) and launch the replay.
+
+Why explicit capture rather than ``torch.compile(mode="reduce-overhead")``: reduce-overhead graphs the model's
+forward and backward only; the loader's gather, the optimizer step and the metric updates stay eager launches,
+which is where an AlexNet step at batch 128 spends its time. A compiled model (default mode) can still sit inside
+the captured step: its kernels are built during the warm-up steps.
+
+What makes a step capturable: nothing syncs with the host (the epoch's order, crops and flips are static device
+buffers filled once per epoch, the step index and global step live on the device, the metric count is a fill
+kernel), nothing allocates a new input (the batch is gathered from the static buffers by the device step index),
+and the learning rate is a device tensor (``build_optimizer(lr_on_device=True)``). Training batches are all full
+(the contract drops the last partial one), so one graph serves every step; evaluation runs eagerly in large batches.
+
+On the CPU (tests) :class:`GraphedSteps` runs the same step code without capture, so the step's logic is checked in
+CI against the ordinary loop; the capture itself is checked by the GPU tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.loop import TrainState, _check_finite, synchronize
+from train.metrics import MetricSums
+
+WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN / autotune / compile choices settle)
+
+
+def graphs_blocker(
+    *,
+    device: torch.device,
+    loader: Any,
+    world_size: int,
+    amp: str,
+    compile_mode: str,
+    record_samples: bool,
+) -> str | None:
+    """Why the whole-step graph cannot be used here (a sentence), or ``None`` when it can."""
+    from loaders.tensor import TensorLoader
+
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if not isinstance(loader, TensorLoader):
+        return "the captured step reads its batch from the tensor-resident loader (--loader gpu)"
+    if world_size > 1:
+        return "distributed runs all-reduce gradients outside the step (one process only)"
+    if amp == "fp16":
+        return "fp16's GradScaler checks for inf on the host every step (use training.amp=bf16)"
+    if compile_mode == "reduce-overhead":
+        return "training.compile_mode=reduce-overhead captures its own graphs (use default or max-autotune)"
+    if record_samples:
+        return "training.record_samples copies every batch to the host"
+    return None
+
+
+class GraphedSteps:
+    """The static buffers and the captured step of one run (built once; :meth:`start_epoch` refills per epoch).
+
+    Args:
+        state: the run's training state (model / compile guard, optimizer with a device learning rate, criterion).
+        loader: the tensor-resident training loader (``epoch_plan`` / ``make_batch``).
+        capture: capture a CUDA graph after :data:`WARMUP_STEPS` eager steps; ``False`` runs the same step code
+            eagerly (CPU tests).
+    """
+
+    def __init__(self, state: TrainState, loader: Any, *, capture: bool = True) -> None:
+        self.state, self.loader, self.capture = state, loader, capture
+        device = state.device
+        self.batch, self.steps = loader.batch_size, len(loader)
+        rows = self.batch * self.steps
+        self.order = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.offsets = torch.zeros(rows, 2, dtype=torch.int64, device=device)
+        self.flips = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.step_index = torch.zeros(1, dtype=torch.int64, device=device)  # batch k of the epoch
+        self.global_step = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.sums = MetricSums(device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = 0
+        self.capture_seconds = 0.0
+
+    def start_epoch(self, epoch: int) -> None:
+        """Copy the epoch's order, crops and flips into the static buffers; reset counters and sums."""
+        self.loader.set_epoch(epoch)
+        order, offsets, flips = self.loader.epoch_plan()
+        rows = self.order.shape[0]
+        self.order.copy_(order[:rows])
+        self.offsets.copy_(offsets[:rows])
+        self.flips.copy_(flips[:rows])
+        self.step_index.zero_()
+        self.global_step.fill_(self.state.global_step)
+        self.first_bad.fill_(-1)
+        self.sums.sums.zero_()
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``step_index`` of the epoch, selected on the device (no host-side slicing)."""
+        shape = (self.steps, self.batch)
+        rows = self.order.view(shape).index_select(0, self.step_index)[0]
+        offsets = self.offsets.view(*shape, 2).index_select(0, self.step_index)[0]
+        flips = self.flips.view(shape).index_select(0, self.step_index)[0]
+        return self.loader.make_batch(rows, offsets, flips)
+
+    def _step(self, model: nn.Module) -> None:
+        """One whole step; every op is on the device and writes only static buffers (capturable)."""
+        state = self.state
+        images, labels = self._batch()
+        with state.autocast():
+            logits = model(images)
+            loss = state.criterion(logits, labels)
+        loss.backward()
+        if state.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), state.grad_clip, foreach=True)
+        state.optimizer.step()
+        self.sums.update(loss, logits.float(), labels)
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
+        self.first_bad.copy_(torch.where(bad, self.global_step, self.first_bad))
+        self.step_index.add_(1)
+        self.global_step.add_(1)
+
+    def _eager_step(self, model: nn.Module) -> None:
+        self.state.optimizer.zero_grad(set_to_none=True)
+        self._step(model)
+
+    def run_step(self) -> float:
+        """One training step: eager (warm-up, or always without capture), the capture, or a replay.
+
+        Returns the seconds spent compiling / capturing (0 for a replay): kept out of images/s like compile time.
+        """
+        state = self.state
+        if self.graph is not None:
+            self.graph.replay()
+            return 0.0
+        if not self.capture or self.eager_steps < WARMUP_STEPS:
+            self.eager_steps += 1
+            if self.capture:  # warm-up on a side stream, as the capture docs require
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    _, compiling = state.call(self._eager_step, ("train", (self.batch,)))
+                torch.cuda.current_stream().wait_stream(side)
+                return compiling
+            return state.call(self._eager_step, ("train", (self.batch,)))[1]
+        return self._capture_and_replay()
+
+    def _capture_and_replay(self) -> float:
+        state = self.state
+        synchronize(state.device)
+        start = time.perf_counter()
+        model = state.compiler.model if state.compiler is not None else state.model
+        state.optimizer.zero_grad(set_to_none=True)  # backward allocates the grads inside the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(model)
+        graph.replay()  # the capture recorded the step without running it
+        synchronize(state.device)
+        self.graph = graph
+        self.capture_seconds = time.perf_counter() - start
+        return self.capture_seconds
+
+
+def train_one_epoch_graphed(
+    state: TrainState,
+    steps: GraphedSteps,
+    epoch: int,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`train.loop.train_one_epoch` for the captured step: the same result keys, no data wait."""
+    state.model.train()  # the graph was captured in training mode; evaluation in between sets eval mode
+    steps.start_epoch(epoch)
+    total = steps.steps
+    compile_seconds, compile_samples = 0.0, 0
+    synchronize(state.device)
+    start = time.perf_counter()
+    for done in range(1, total + 1):
+        state.schedule.step(state.global_step)  # writes the device learning rate in place
+        setup = steps.run_step()
+        if setup:
+            compile_seconds += setup
+            compile_samples += steps.batch
+        state.global_step += 1
+        if done % state.refresh_steps == 0:
+            _check_finite(steps.first_bad, state, epoch)
+            if progress is not None:
+                progress(done, total, done * steps.batch / max(time.perf_counter() - start, 1e-9))
+    synchronize(state.device)
+    seconds = time.perf_counter() - start
+    _check_finite(steps.first_bad, state, epoch)
+    result = steps.sums.result(state.env)
+    timed = max(seconds - compile_seconds, 1e-9)
+    timed_images = max(result["samples"] - compile_samples, 0)
+    result.update(
+        seconds=seconds,
+        data_seconds=0.0,  # the batch is built inside the step
+        compute_seconds=max(seconds - compile_seconds, 0.0),
+        compile_seconds=compile_seconds,
+        timed_samples=timed_images,
+        images_per_second=timed_images / timed if timed_images else result["samples"] / max(seconds, 1e-9),
+        steps=total,
+        lr=float(state.optimizer.param_groups[0]["lr"]),
+    )
+    if progress is not None:
+        progress(total, total, result["images_per_second"])
+    return result
+
+
+__all__ = ["WARMUP_STEPS", "GraphedSteps", "graphs_blocker", "train_one_epoch_graphed"]
