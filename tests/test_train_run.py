@@ -63,6 +63,10 @@ def test_run_folder_contents(straight_run):
     assert summary["compile"] == {"setting": "auto", "enabled": False, "mode": None, "seconds": 0.0,
                                   "fallback_error": None}  # fmt: skip
     assert summary["compile_seconds"] == 0
+    epochs = (folder / "metrics.jsonl").read_text().splitlines()
+    val_seconds = sum(json.loads(line)["val"]["seconds"] for line in epochs)
+    assert summary["eval_seconds"] == pytest.approx(val_seconds, rel=1e-3)
+    assert summary["eval_share"] == pytest.approx(val_seconds / (val_seconds + summary["train_seconds"]), rel=1e-3)
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
     for line in lines:

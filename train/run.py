@@ -91,6 +91,7 @@ def new_book() -> dict[str, Any]:
         "train_images": 0,
         "data_seconds": 0.0,
         "compile_seconds": 0.0,
+        "eval_seconds": 0.0,
     }
 
 
@@ -301,6 +302,7 @@ class Run:
         if (epoch + 1) % max(int(training["eval_every"]), 1) == 0 or epoch + 1 == epochs:
             val_metrics = evaluate(state, self.val_loader)
             book["compile_seconds"] += val_metrics["compile_seconds"]
+            book["eval_seconds"] += val_metrics["seconds"] - val_metrics["compile_seconds"]
         state.schedule.end_epoch(val_metrics["loss"] if val_metrics else None)
         improved = val_metrics is not None and val_metrics["top1"] > book["best_top1"]
         if improved:
@@ -386,6 +388,9 @@ class Run:
             "images_per_second": book["train_images"] / max(book["train_seconds"], 1e-9),
             "data_wait_fraction": book["data_seconds"] / max(book["train_seconds"], 1e-9),
             "train_seconds": book["train_seconds"],
+            "eval_seconds": book["eval_seconds"],
+            # validation's share of the time spent training + validating (compile time excluded)
+            "eval_share": book["eval_seconds"] / max(book["train_seconds"] + book["eval_seconds"], 1e-9),
             "wall_seconds": wall,
             "parameters": sum(p.numel() for p in self.net.parameters()),
         }
