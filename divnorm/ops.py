@@ -27,6 +27,18 @@ def triton_imports() -> bool:
     return _TRITON_IMPORTS
 
 
+def _kernels():
+    """:mod:`divnorm.triton_ours`, imported at the first kernel call; one clear error when triton is missing."""
+    if not triton_imports():
+        raise RuntimeError(
+            "divnorm_specs.kernel=triton needs the triton package (it ships with CUDA builds of torch: "
+            "pip install triton); use kernel=auto or torch"
+        )
+    from divnorm import triton_ours
+
+    return triton_ours
+
+
 def _output_like(x: torch.Tensor) -> torch.Tensor:
     """Mirrors :func:`divnorm.triton_ours.output_like` without importing triton (the fake must agree with it)."""
     if x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
@@ -39,9 +51,7 @@ def ours_fwd(
     x: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, pool: int, power: float, eps: float
 ) -> torch.Tensor:
     """Fused forward of ``ours`` on (N, C, H, W) ``x``; output in x's dtype and memory format."""
-    from divnorm import triton_ours
-
-    return triton_ours.forward(x, gamma, sigma, pool, power, eps)
+    return _kernels().forward(x, gamma, sigma, pool, power, eps)
 
 
 @ours_fwd.register_fake
@@ -63,9 +73,7 @@ def ours_bwd(
     need_sigma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward: (dx or an empty tensor, dgamma or zeros, dsigma or zeros)."""
-    from divnorm import triton_ours
-
-    return triton_ours.backward(grad, x, gamma, sigma, pool, power, eps, need_x, need_gamma, need_sigma)
+    return _kernels().backward(grad, x, gamma, sigma, pool, power, eps, need_x, need_gamma, need_sigma)
 
 
 @ours_bwd.register_fake

@@ -18,10 +18,11 @@ the batch folded into the rows); and NCHW, where the pixels of one image are con
 lie H*W apart. Anything else is made contiguous first. Math is fp32 whatever the input dtype; the output has the
 input's dtype and layout.
 
-Kernels are jitted lazily, at first launch, once per interpreter mode: ``triton.jit`` decides at decoration time
-whether a kernel is interpreted (``TRITON_INTERPRET``), so decorating at import would freeze that choice for the
-process. Here ``TRITON_INTERPRET=1`` takes effect whenever it is set, and GPU runs in the same process stay
-compiled. No jitted helpers for the same reason (a kernel may only call other jitted functions).
+Triton's interpreter (``TRITON_INTERPRET=1``, kernels on the CPU, used by the tests) is a property of the
+process: triton reads the variable when ``triton.language`` is first imported, and its own library functions
+(``tl.sum``) are then interpreted or compiled for good. The kernels here follow that mode (not the variable's
+value at the time this module is imported), so the two never disagree; the variable must be set before the
+process starts.
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from divnorm.common import DENOMINATOR_FLOOR
+
+# Whether triton.language was loaded under TRITON_INTERPRET=1: the kernels must run in the mode of its tl.sum.
+INTERPRETED = isinstance(tl.sum, InterpretedFunction)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -43,6 +48,12 @@ _TILE_ELEMENTS = 4096
 _BACKWARD_PROGRAMS_PER_SM = 8
 
 
+def _jit(fn):
+    """``@triton.jit`` in the mode ``triton.language`` was loaded in (see the module docstring)."""
+    return InterpretedFunction(fn) if INTERPRETED else triton.JITFunction(fn)
+
+
+@_jit
 def _ours_forward_kernel(
     x_ptr,
     y_ptr,
@@ -75,9 +86,9 @@ def _ours_forward_kernel(
     channels = pools[:, None] * POOL + in_pool[None, :]
     offsets = pixels[:, None, None] * stride_pixel + channels[None, :, :] * stride_channel
     pool_mask = pools < num_pools
-    mask = ((first_pixel + pixels) < num_pixels)[:, None, None] & (
-        pool_mask[:, None] & (in_pool < POOL)[None, :]
-    )[None, :, :]
+    mask = ((first_pixel + pixels) < num_pixels)[:, None, None] & (pool_mask[:, None] & (in_pool < POOL)[None, :])[
+        None, :, :
+    ]
 
     x = tl.load(x_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
     if POWER == 2.0:
@@ -101,6 +112,7 @@ def _ours_forward_kernel(
     tl.store(y_ptr + base + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@_jit
 def _ours_backward_kernel(
     x_ptr,
     dy_ptr,
@@ -184,21 +196,9 @@ def _ours_backward_kernel(
         tl.store(row + num_pools + pools, correction_sum, mask=pool_mask)
 
 
-_JITTED: dict[tuple[str, bool], object] = {}
-
-
-def _jitted(fn):
-    """``triton.jit(fn)``, built at first use for the current interpreter mode and cached per mode."""
-    interpret = bool(triton.knobs.runtime.interpret)
-    key = (fn.__name__, interpret)
-    if key not in _JITTED:
-        _JITTED[key] = triton.jit(fn)
-    return _JITTED[key]
-
-
 def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1``: kernels then run on the CPU under Triton's interpreter."""
-    return bool(triton.knobs.runtime.interpret)
+    """True when this process runs Triton kernels on the CPU under the interpreter (TRITON_INTERPRET=1 at start)."""
+    return INTERPRETED
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ def _blocks(layout: _Layout, num_pools: int, pool: int) -> _Blocks:
 def _check_input(x: torch.Tensor) -> None:
     if x.device.type != "cuda" and not interpreter_enabled():
         raise RuntimeError(
-            f"divnorm_specs.kernel=triton needs CUDA tensors (got a {x.device.type} tensor); set "
+            f"divnorm_specs.kernel=triton needs CUDA tensors (got a {x.device.type} tensor); start the process with "
             "TRITON_INTERPRET=1 to run the kernel under Triton's CPU interpreter, or use kernel=auto or torch"
         )
     if x.dtype not in SUPPORTED_DTYPES:
@@ -295,7 +295,7 @@ def forward(
     tiles_per_image = triton.cdiv(layout.pixels, blocks.pix)
     grid = (layout.images * tiles_per_image, triton.cdiv(num_pools, blocks.pools))
     gamma_stride, sigma_stride = _param_strides(gamma, sigma)
-    _jitted(_ours_forward_kernel)[grid](
+    _ours_forward_kernel[grid](
         x, y, gamma.contiguous(), sigma.contiguous(),
         layout.pixels, tiles_per_image, layout.stride_image, layout.stride_pixel, layout.stride_channel,
         num_pools, gamma_stride, sigma_stride, float(eps), DENOMINATOR_FLOOR,
@@ -350,7 +350,7 @@ def backward(
     # every (program, pool) entry is written by the kernel when the sums are wanted
     partial = torch.empty((programs, 2, num_pools) if need_params else (1,), dtype=torch.float32, device=x.device)
     gamma_stride, sigma_stride = _param_strides(gamma, sigma)
-    _jitted(_ours_backward_kernel)[(programs, pool_blocks)](
+    _ours_backward_kernel[(programs, pool_blocks)](
         x, grad, dx if need_x else x, partial, gamma.contiguous(), sigma.contiguous(),
         layout.pixels, tiles_per_image, num_tiles, layout.stride_image, layout.stride_pixel, layout.stride_channel,
         num_pools, gamma_stride, sigma_stride, float(eps), DENOMINATOR_FLOOR,
