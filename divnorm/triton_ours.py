@@ -27,6 +27,7 @@ process starts.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -243,6 +244,7 @@ class _Blocks:
     num_warps: int
 
 
+@functools.lru_cache(maxsize=256)  # a handful of layer shapes per model: no per-call Python arithmetic
 def _blocks(layout: _Layout, num_pools: int, pool: int) -> _Blocks:
     """Tile shape: whole pools always (the sum stays in registers); rows of C for channels-last, else pixel runs."""
     block_s = _next_power_of_2(pool)
@@ -305,10 +307,15 @@ def forward(
     return y
 
 
+@functools.cache
+def _multiprocessors(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _backward_programs(x: torch.Tensor, num_tiles: int, pool_blocks: int) -> int:
     """Programs along the tile axis: enough to fill the GPU, few enough that the partial sums stay small."""
     if x.device.type == "cuda":
-        slots = torch.cuda.get_device_properties(x.device).multi_processor_count * _BACKWARD_PROGRAMS_PER_SM
+        slots = _multiprocessors(x.device.index) * _BACKWARD_PROGRAMS_PER_SM
     else:  # the interpreter: programs run one after another, a loop inside one costs the same
         slots = 16
     return max(1, min(num_tiles, max(1, slots // pool_blocks)))

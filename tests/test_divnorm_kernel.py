@@ -71,7 +71,7 @@ def _compare(fused: nn.Module, reference: nn.Module, x: torch.Tensor) -> torch.T
         memory_format=torch.channels_last
     )
     _close(y_fused, y_reference, x.dtype, "y")
-    grad = torch.randn(y_reference.shape, generator=torch.Generator().manual_seed(7)).to(x.dtype)
+    grad = torch.randn(y_reference.shape, generator=torch.Generator().manual_seed(7)).to(x.device, x.dtype)
     y_fused.backward(grad)
     y_reference.backward(grad)
     _close(x_fused.grad, x_reference.grad, x.dtype, "dx")
