@@ -7,7 +7,8 @@ type        keys (default)
 ==========  =========================================================================================
 nonorm      none (returns ``nn.Identity``)
 ours        p (0.5), power (2), gamma (1.0), sigma (1.0), eps (1e-8 when absent; configs set 0),
-            single_gamma, single_sigma, fix_gamma, fix_sigma, fix_all (all false)
+            single_gamma, single_sigma, fix_gamma, fix_sigma, fix_all (all false),
+            kernel (auto: the fused Triton kernel on CUDA tensors, else torch | triton | torch)
 ken         lamb (10.0), alpha (0.1), beta (1.0), k (10.0), fix_all (false)
 lrn         lrn_size (5), lrn_alpha (1e-4), lrn_beta (0.75), lrn_k (2.0)  (AlexNet's values)
 gdn         gdn_beta_min (1e-6), gdn_gamma_init (0.1), fix_all (false)
@@ -27,8 +28,12 @@ from torch import nn
 from divnorm.baselines import GDN2d, LocalResponseNorm2d
 from divnorm.grouped import DivisiveNorm2d
 from divnorm.ken import LineDivisiveNorm2d
+from divnorm.ops import KERNEL_CHOICES
 
 _COMMON_KEYS = {"type", "asact"}
+
+# Keys whose value is a string from a fixed set.
+_CHOICES: dict[str, tuple[str, ...]] = {"kernel": KERNEL_CHOICES}
 
 TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "nonorm": {},
@@ -43,6 +48,7 @@ TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
         "fix_gamma": False,
         "fix_sigma": False,
         "fix_all": False,
+        "kernel": "auto",  # docs/divnorm-kernel.md
     },
     "ken": {"lamb": 10.0, "alpha": 0.1, "beta": 1.0, "k": 10.0, "fix_all": False},
     "lrn": {"lrn_size": 5, "lrn_alpha": 1e-4, "lrn_beta": 0.75, "lrn_k": 2.0},
@@ -106,8 +112,11 @@ def build_divnorm(specs: Mapping[str, Any], num_channels: int) -> nn.Module:
 
 
 def _check_value_type(key: str, value: Any, default: Any) -> None:
-    """Switches must be booleans and settings numbers (a JSON string "2" or null would fail deep in torch)."""
-    if isinstance(default, bool):
+    """Switches must be booleans, choices one of their strings, settings numbers (a JSON "2" would fail in torch)."""
+    if key in _CHOICES:
+        if value not in _CHOICES[key]:
+            raise ValueError(f"divnorm_specs.{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+    elif isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"divnorm_specs.{key} must be true or false, got {value!r}")
     elif isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -8,6 +8,10 @@ import torch
 from torch import nn
 
 from divnorm.common import DENOMINATOR_FLOOR, FiniteCheckMixin, compute_dtype
+from divnorm.ops import KERNEL_CHOICES, ours_fused, triton_imports
+
+# Dtypes the fused kernel takes (fp32 math inside); kernel=auto leaves others (float64) to the torch path.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def pool_size(num_channels: int, p: float) -> int:
@@ -55,6 +59,9 @@ class DivisiveNorm2d(FiniteCheckMixin, nn.Module):
         fix_gamma / fix_sigma / fix_all: freeze that parameter (per pool or single; the original's fix_*
             only worked with single_*). Frozen parameters stay ``nn.Parameter`` with ``requires_grad=False``,
             so checkpoints keep the same keys.
+        kernel: ``auto`` (the fused Triton kernel for CUDA tensors when triton imports, else the torch path;
+            decided per call from the input's device), ``triton`` (always the kernel: CUDA tensors, or CPU
+            tensors under ``TRITON_INTERPRET=1``) or ``torch`` (always the torch path). Same math either way.
 
     Under autocast or for fp16/bf16 input the energy and division run in fp32 and the result is cast back to
     the input dtype. Any batch size (including 1) and channels-last input work; the output keeps the input's
@@ -75,8 +82,11 @@ class DivisiveNorm2d(FiniteCheckMixin, nn.Module):
         fix_gamma: bool = False,
         fix_sigma: bool = False,
         fix_all: bool = False,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
+        if kernel not in KERNEL_CHOICES:
+            raise ValueError(f"divnorm_specs.kernel must be one of {', '.join(KERNEL_CHOICES)}, got {kernel!r}")
         if not power > 0:
             raise ValueError(f"divnorm_specs.power must be > 0, got {power}")
         if eps < 0:
@@ -91,11 +101,15 @@ class DivisiveNorm2d(FiniteCheckMixin, nn.Module):
         sigma_shape = 1 if single_sigma else self.num_pools
         self.gamma = nn.Parameter(torch.full((gamma_shape,), float(gamma)), requires_grad=not (fix_gamma or fix_all))
         self.sigma = nn.Parameter(torch.full((sigma_shape,), float(sigma)), requires_grad=not (fix_sigma or fix_all))
+        self.kernel = kernel
+        # Resolved here, outside any torch.compile trace: auto tries the import only where a GPU could use it.
+        self._auto_kernel = kernel == "auto" and torch.cuda.is_available() and triton_imports()
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_channels}, pools={self.num_pools}x{self.pool}, power={self.power:g}, eps={self.eps:g}, "
-            f"gamma_trainable={self.gamma.requires_grad}, sigma_trainable={self.sigma.requires_grad}"
+            f"gamma_trainable={self.gamma.requires_grad}, sigma_trainable={self.sigma.requires_grad}, "
+            f"kernel={self.kernel}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,6 +118,9 @@ class DivisiveNorm2d(FiniteCheckMixin, nn.Module):
                 f"DivisiveNorm2d({self.num_channels}) expects (N, {self.num_channels}, H, W) input, "
                 f"got {tuple(x.shape)}"
             )
+        if self.kernel == "triton" or (self._auto_kernel and x.is_cuda and x.dtype in _KERNEL_DTYPES):
+            # fp32 math inside the kernel for every input dtype; the output keeps x's dtype and layout
+            return ours_fused(x, self.gamma, self.sigma, self.pool, self.power, self.eps)
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             args = (x.to(dtype), self.gamma.to(dtype), self.sigma.to(dtype), self.pool, self.power, self.eps)

@@ -35,6 +35,7 @@ DEFAULT_DIVNORM_SPECS: dict[str, Any] = {
     "fix_sigma": False,
     "single_gamma": False,
     "single_sigma": False,
+    "kernel": "auto",  # ours: fused Triton kernel on CUDA tensors (auto), triton or torch; docs/divnorm-kernel.md
 }
 
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {

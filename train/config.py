@@ -60,6 +60,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "lr_scheduler.name": ("steplr", "plateau", "cosine", "onecycle", "none"),
     "logging.progress_bar": ("auto", "on", "off"),
     "distributed.backend": ("auto", "nccl", "gloo"),
+    "model.divnorm_specs.kernel": ("auto", "triton", "torch"),  # divnorm.ops.KERNEL_CHOICES
 }
 
 # The original code's names for keys this project renamed (and old value spellings): still accepted.

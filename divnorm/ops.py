@@ -1,0 +1,114 @@
+"""The fused ``ours`` kernel as torch custom ops (``divnorm::ours_fwd`` / ``divnorm::ours_bwd``) with autograd.
+
+Registered through ``torch.library`` with fake (meta) implementations, so ``torch.compile`` traces a model that
+uses the kernel as one graph: the op is an opaque node with known output shapes, no graph break. Triton itself
+is imported only when an op runs (``divnorm`` imports without it); see :mod:`divnorm.triton_ours`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KERNEL_CHOICES: tuple[str, ...] = ("auto", "triton", "torch")
+
+_TRITON_IMPORTS: bool | None = None
+
+
+def triton_imports() -> bool:
+    """Whether ``import triton`` succeeds here (tried once, then cached)."""
+    global _TRITON_IMPORTS
+    if _TRITON_IMPORTS is None:
+        try:
+            import triton  # noqa: F401
+        except Exception:  # a broken install counts as absent: kernel=auto then takes the torch path
+            _TRITON_IMPORTS = False
+        else:
+            _TRITON_IMPORTS = True
+    return _TRITON_IMPORTS
+
+
+def _kernels():
+    """:mod:`divnorm.triton_ours`, imported at the first kernel call; one clear error when triton is missing."""
+    if not triton_imports():
+        raise RuntimeError(
+            "divnorm_specs.kernel=triton needs the triton package (it ships with CUDA builds of torch: "
+            "pip install triton); use kernel=auto or torch"
+        )
+    from divnorm import triton_ours
+
+    return triton_ours
+
+
+def _output_like(x: torch.Tensor) -> torch.Tensor:
+    """Mirrors :func:`divnorm.triton_ours.output_like` without importing triton (the fake must agree with it)."""
+    if x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("divnorm::ours_fwd", mutates_args=())
+def ours_fwd(
+    x: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, pool: int, power: float, eps: float
+) -> torch.Tensor:
+    """Fused forward of ``ours`` on (N, C, H, W) ``x``; output in x's dtype and memory format."""
+    return _kernels().forward(x, gamma, sigma, pool, power, eps)
+
+
+@ours_fwd.register_fake
+def _ours_fwd_fake(x, gamma, sigma, pool, power, eps):
+    return _output_like(x)
+
+
+@torch.library.custom_op("divnorm::ours_bwd", mutates_args=())
+def ours_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    sigma: torch.Tensor,
+    pool: int,
+    power: float,
+    eps: float,
+    need_x: bool,
+    need_gamma: bool,
+    need_sigma: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward: (dx or an empty tensor, dgamma or zeros, dsigma or zeros)."""
+    return _kernels().backward(grad, x, gamma, sigma, pool, power, eps, need_x, need_gamma, need_sigma)
+
+
+@ours_bwd.register_fake
+def _ours_bwd_fake(grad, x, gamma, sigma, pool, power, eps, need_x, need_gamma, need_sigma):
+    dx = _output_like(x) if need_x else x.new_empty(0)
+    return dx, torch.empty_like(gamma), torch.empty_like(sigma)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, gamma, sigma, pool, power, eps = inputs
+    ctx.save_for_backward(x, gamma, sigma)  # x only: the backward recomputes the pool sums in registers
+    ctx.pool, ctx.power, ctx.eps = pool, power, eps
+
+
+def _backward(ctx, grad):
+    x, gamma, sigma = ctx.saved_tensors
+    need_x, need_gamma, need_sigma = ctx.needs_input_grad[:3]
+    dx, grad_gamma, grad_sigma = ours_bwd(
+        grad, x, gamma, sigma, ctx.pool, ctx.power, ctx.eps, need_x, need_gamma, need_sigma
+    )
+    return (
+        dx if need_x else None,
+        grad_gamma if need_gamma else None,
+        grad_sigma if need_sigma else None,
+        None,
+        None,
+        None,
+    )
+
+
+ours_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ours_fused(
+    x: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, pool: int, power: float, eps: float
+) -> torch.Tensor:
+    """``ours`` through the fused kernel (differentiable in x, gamma and sigma)."""
+    return ours_fwd(x, gamma, sigma, pool, float(power), float(eps))

@@ -1,0 +1,378 @@
+"""Fused Triton kernels for ``ours`` (grouped divisive normalization): one pass forward, one pass backward.
+
+The math is :class:`divnorm.grouped.GroupedDivNormFunction`'s (the torch reference, kept as the CPU path). With
+``q = |x|^P``, ``s_g = max(|sigma_g|^P + eps, floor)``, ``D = sum_pool q + s_g``, ``scale = exp(gamma_g) / D``::
+
+    y_c     = scale * q_c
+    dx_c    = (scale * dy_c - T / D) * dq_c/dx_c,   T = scale * sum_pool(dy * q)
+    dgamma  = sum T,   dsigma = -sum(T / D) * d|sigma|^P/dsigma   (0 where the floor is active)
+
+Each program holds a tile of [pixels, pools, channels-of-a-pool] in registers, so the pool sum never leaves the
+chip: the forward reads x once and writes y once; the backward reads x and dy once, recomputes q and D (cheaper
+than saving D: no extra write in the forward, no extra read in the backward) and writes dx once. The per-pool
+parameter gradients are fp32 partial sums, one row per program (the backward loops over tiles, Liger-style, so
+there are only a few hundred rows), summed by torch afterwards: deterministic, no atomics.
+
+Memory layouts, both without a copy: channels-last, seen as rows of C contiguous channels (one row per pixel,
+the batch folded into the rows); and NCHW, where the pixels of one image are contiguous and a pool's channels
+lie H*W apart. Anything else is made contiguous first. Math is fp32 whatever the input dtype; the output has the
+input's dtype and layout.
+
+Triton's interpreter (``TRITON_INTERPRET=1``, kernels on the CPU, used by the tests) is a property of the
+process: triton reads the variable when ``triton.language`` is first imported, and its own library functions
+(``tl.sum``) are then interpreted or compiled for good. The kernels here follow that mode (not the variable's
+value at the time this module is imported), so the two never disagree; the variable must be set before the
+process starts.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from divnorm.common import DENOMINATOR_FLOOR
+
+# Whether triton.language was loaded under TRITON_INTERPRET=1: the kernels must run in the mode of its tl.sum.
+INTERPRETED = isinstance(tl.sum, InterpretedFunction)
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Elements per program tile. 4096 fp32 values over 8 warps is 16 registers a thread per live tile; the
+# backward holds x, dy and q, still well inside the register file.
+_TILE_ELEMENTS = 4096
+# The backward runs at most this many programs per SM and loops over the remaining tiles (fewer partial rows).
+_BACKWARD_PROGRAMS_PER_SM = 8
+
+
+def _jit(fn):
+    """``@triton.jit`` in the mode ``triton.language`` was loaded in (see the module docstring)."""
+    return InterpretedFunction(fn) if INTERPRETED else triton.JITFunction(fn)
+
+
+@_jit
+def _ours_forward_kernel(
+    x_ptr,
+    y_ptr,
+    gamma_ptr,
+    sigma_ptr,
+    num_pixels,
+    tiles_per_image,
+    stride_image,
+    stride_pixel,
+    stride_channel,
+    num_pools,
+    gamma_stride,
+    sigma_stride,
+    eps,
+    floor,
+    POOL: tl.constexpr,
+    POWER: tl.constexpr,
+    BLOCK_PIX: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    tile_id = tl.program_id(0)
+    image = tile_id // tiles_per_image
+    first_pixel = (tile_id - image * tiles_per_image) * BLOCK_PIX
+    pools = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    in_pool = tl.arange(0, BLOCK_S)
+    pixels = tl.arange(0, BLOCK_PIX)
+    # int64 base (the tensor may exceed 2**31 elements); the offsets within a tile stay int32
+    base = image.to(tl.int64) * stride_image + first_pixel.to(tl.int64) * stride_pixel
+    channels = pools[:, None] * POOL + in_pool[None, :]
+    offsets = pixels[:, None, None] * stride_pixel + channels[None, :, :] * stride_channel
+    pool_mask = pools < num_pools
+    mask = ((first_pixel + pixels) < num_pixels)[:, None, None] & (pool_mask[:, None] & (in_pool < POOL)[None, :])[
+        None, :, :
+    ]
+
+    x = tl.load(x_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
+    if POWER == 2.0:
+        q = x * x  # the default: exact and cheap
+    elif POWER == 1.0:
+        q = tl.abs(x)
+    else:
+        q = tl.exp2(POWER * tl.log2(tl.abs(x)))  # |x|^P; 0 at x = 0 since P > 0
+
+    gamma = tl.load(gamma_ptr + pools * gamma_stride, mask=pool_mask, other=0.0).to(tl.float32)
+    sigma = tl.load(sigma_ptr + pools * sigma_stride, mask=pool_mask, other=0.0).to(tl.float32)
+    if POWER == 2.0:
+        sigma_power = sigma * sigma
+    else:
+        sigma_power = tl.exp2(POWER * tl.log2(tl.abs(sigma)))
+    offset = tl.maximum(sigma_power + eps, floor)
+
+    denominator = tl.sum(q, axis=2) + offset[None, :]  # [BLOCK_PIX, BLOCK_G], the pool sums in registers
+    scale = tl.exp(gamma)[None, :] / denominator
+    y = q * scale[:, :, None]
+    tl.store(y_ptr + base + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _ours_backward_kernel(
+    x_ptr,
+    dy_ptr,
+    dx_ptr,
+    partial_ptr,
+    gamma_ptr,
+    sigma_ptr,
+    num_pixels,
+    tiles_per_image,
+    num_tiles,
+    stride_image,
+    stride_pixel,
+    stride_channel,
+    num_pools,
+    gamma_stride,
+    sigma_stride,
+    eps,
+    floor,
+    POOL: tl.constexpr,
+    POWER: tl.constexpr,
+    NEED_DX: tl.constexpr,
+    NEED_PARAMS: tl.constexpr,
+    BLOCK_PIX: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    program = tl.program_id(0)
+    pools = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    in_pool = tl.arange(0, BLOCK_S)
+    pixels = tl.arange(0, BLOCK_PIX)
+    channels = pools[:, None] * POOL + in_pool[None, :]
+    offsets = pixels[:, None, None] * stride_pixel + channels[None, :, :] * stride_channel
+    pool_mask = pools < num_pools
+    channel_mask = (pool_mask[:, None] & (in_pool < POOL)[None, :])[None, :, :]
+
+    # The per-pool terms do not depend on the tile: computed once per program.
+    gamma = tl.load(gamma_ptr + pools * gamma_stride, mask=pool_mask, other=0.0).to(tl.float32)
+    sigma = tl.load(sigma_ptr + pools * sigma_stride, mask=pool_mask, other=0.0).to(tl.float32)
+    if POWER == 2.0:
+        sigma_power = sigma * sigma
+    else:
+        sigma_power = tl.exp2(POWER * tl.log2(tl.abs(sigma)))
+    offset = tl.maximum(sigma_power + eps, floor)
+    gain = tl.exp(gamma)
+
+    total_sum = tl.zeros([BLOCK_G], dtype=tl.float32)  # sum of T per pool
+    correction_sum = tl.zeros([BLOCK_G], dtype=tl.float32)  # sum of T / D per pool
+    for tile_id in range(program, num_tiles, tl.num_programs(0)):
+        image = tile_id // tiles_per_image
+        first_pixel = (tile_id - image * tiles_per_image) * BLOCK_PIX
+        base = image.to(tl.int64) * stride_image + first_pixel.to(tl.int64) * stride_pixel
+        mask = ((first_pixel + pixels) < num_pixels)[:, None, None] & channel_mask
+        x = tl.load(x_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
+        if POWER == 2.0:
+            q = x * x
+        elif POWER == 1.0:
+            q = tl.abs(x)
+        else:
+            q = tl.exp2(POWER * tl.log2(tl.abs(x)))
+        denominator = tl.sum(q, axis=2) + offset[None, :]
+        scale = gain[None, :] / denominator
+        total = scale * tl.sum(dy * q, axis=2)  # T; 0 on masked pixels and pools (q = dy = 0 there)
+        correction = total / denominator
+        if NEED_DX:
+            if POWER == 2.0:
+                dq_dx = 2.0 * x
+            elif POWER == 1.0:
+                dq_dx = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+            else:
+                # P |x|^(P-1) sign(x) = P q / x, without a second power; 0 at x = 0 (the torch path's NaN for P < 1)
+                dq_dx = tl.where(x == 0, 0.0, POWER * q / tl.where(x == 0, 1.0, x))
+            dx = (scale[:, :, None] * dy - correction[:, :, None]) * dq_dx
+            tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if NEED_PARAMS:
+            total_sum += tl.sum(total, axis=0)
+            correction_sum += tl.sum(correction, axis=0)
+    if NEED_PARAMS:
+        row = partial_ptr + program * 2 * num_pools
+        tl.store(row + pools, total_sum, mask=pool_mask)
+        tl.store(row + num_pools + pools, correction_sum, mask=pool_mask)
+
+
+def interpreter_enabled() -> bool:
+    """True when this process runs Triton kernels on the CPU under the interpreter (TRITON_INTERPRET=1 at start)."""
+    return INTERPRETED
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a 4-D tensor's memory maps onto (image, pixel, channel) for the kernels."""
+
+    channels_last: bool
+    images: int
+    pixels: int  # per image: H*W (NCHW) or N*H*W (channels-last, the batch folded into the rows)
+    stride_image: int
+    stride_pixel: int
+    stride_channel: int
+
+
+def _layout(t: torch.Tensor) -> _Layout | None:
+    """The kernel layout of ``t`` or None when it is neither channels-last nor NCHW contiguous."""
+    n, c, h, w = t.shape
+    # Rows first: when both hold (H = W = 1 or C = 1) a row of C channels is the better tile.
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return _Layout(True, 1, n * h * w, 0, c, 1)
+    if t.is_contiguous():
+        return _Layout(False, n, h * w, c * h * w, 1, h * w)
+    return None
+
+
+def output_like(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' output for input ``x``: x's layout when supported, else NCHW contiguous (shared with the fake)."""
+    if x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    pix: int
+    pools: int
+    pool: int
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=256)  # a handful of layer shapes per model: no per-call Python arithmetic
+def _blocks(layout: _Layout, num_pools: int, pool: int) -> _Blocks:
+    """Tile shape: whole pools always (the sum stays in registers); rows of C for channels-last, else pixel runs."""
+    block_s = _next_power_of_2(pool)
+    block_g_max = _next_power_of_2(num_pools)
+    if layout.channels_last:
+        # As many whole pools of a row as fit (all of them up to C = 4096), then as many rows as fit.
+        block_g = min(block_g_max, max(1, _TILE_ELEMENTS // block_s))
+        block_pix = max(1, _TILE_ELEMENTS // (block_g * block_s))
+    else:
+        # Pixels are the contiguous axis: a run long enough for coalesced loads, then as many pools as fit.
+        block_pix = min(max(min(128, _TILE_ELEMENTS // block_s), 8), _next_power_of_2(layout.pixels))
+        block_g = min(block_g_max, max(1, _TILE_ELEMENTS // (block_pix * block_s)))
+    block_pix = min(block_pix, _next_power_of_2(layout.pixels))
+    num_warps = min(16, max(1, block_pix * block_g * block_s // 512))
+    return _Blocks(block_pix, block_g, block_s, num_warps)
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if x.device.type != "cuda" and not interpreter_enabled():
+        raise RuntimeError(
+            f"divnorm_specs.kernel=triton needs CUDA tensors (got a {x.device.type} tensor); start the process with "
+            "TRITON_INTERPRET=1 to run the kernel under Triton's CPU interpreter, or use kernel=auto or torch"
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"divnorm_specs.kernel=triton supports float32, bfloat16 and float16 input, got {x.dtype}; "
+            "use kernel=auto or torch for other dtypes"
+        )
+
+
+def _param_strides(gamma: torch.Tensor, sigma: torch.Tensor) -> tuple[int, int]:
+    """Stride 1 for a per-pool parameter, 0 for a single one (every pool reads element 0)."""
+    return (1 if gamma.numel() > 1 else 0), (1 if sigma.numel() > 1 else 0)
+
+
+def forward(
+    x: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, pool: int, power: float, eps: float
+) -> torch.Tensor:
+    """``y = exp(gamma) |x|^P / (sum_pool |x|^P + max(|sigma|^P + eps, floor))`` for (N, C, H, W) ``x``."""
+    _check_input(x)
+    layout = _layout(x)
+    if layout is None:  # an odd layout (a permuted or sliced view): the one copy this path makes
+        x = x.contiguous()
+        layout = _layout(x)
+    y = output_like(x)
+    if x.numel() == 0:
+        return y
+    num_pools = x.shape[1] // pool
+    blocks = _blocks(layout, num_pools, pool)
+    tiles_per_image = triton.cdiv(layout.pixels, blocks.pix)
+    grid = (layout.images * tiles_per_image, triton.cdiv(num_pools, blocks.pools))
+    gamma_stride, sigma_stride = _param_strides(gamma, sigma)
+    _ours_forward_kernel[grid](
+        x, y, gamma.contiguous(), sigma.contiguous(),
+        layout.pixels, tiles_per_image, layout.stride_image, layout.stride_pixel, layout.stride_channel,
+        num_pools, gamma_stride, sigma_stride, float(eps), DENOMINATOR_FLOOR,
+        POOL=pool, POWER=float(power), BLOCK_PIX=blocks.pix, BLOCK_G=blocks.pools, BLOCK_S=blocks.pool,
+        num_warps=blocks.num_warps,
+    )  # fmt: skip
+    return y
+
+
+@functools.cache
+def _multiprocessors(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _backward_programs(x: torch.Tensor, num_tiles: int, pool_blocks: int) -> int:
+    """Programs along the tile axis: enough to fill the GPU, few enough that the partial sums stay small."""
+    if x.device.type == "cuda":
+        slots = _multiprocessors(x.device.index) * _BACKWARD_PROGRAMS_PER_SM
+    else:  # the interpreter: programs run one after another, a loop inside one costs the same
+        slots = 16
+    return max(1, min(num_tiles, max(1, slots // pool_blocks)))
+
+
+def backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    sigma: torch.Tensor,
+    pool: int,
+    power: float,
+    eps: float,
+    need_x: bool,
+    need_gamma: bool,
+    need_sigma: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`forward` for x (an empty tensor when not needed), gamma and sigma (zeros when not)."""
+    _check_input(x)
+    layout = _layout(x)
+    if layout is None:
+        x = x.contiguous()
+        layout = _layout(x)
+    if _layout(grad) != layout:  # e.g. an expanded gradient of .sum(): brought to x's layout, one copy
+        memory_format = torch.channels_last if layout.channels_last else torch.contiguous_format
+        grad = grad.contiguous(memory_format=memory_format)
+    dx = output_like(x) if need_x else x.new_empty(0)
+    grad_gamma = torch.zeros_like(gamma)
+    grad_sigma = torch.zeros_like(sigma)
+    need_params = need_gamma or need_sigma
+    if x.numel() == 0 or not (need_x or need_params):
+        return dx, grad_gamma, grad_sigma
+    num_pools = x.shape[1] // pool
+    blocks = _blocks(layout, num_pools, pool)
+    tiles_per_image = triton.cdiv(layout.pixels, blocks.pix)
+    num_tiles = layout.images * tiles_per_image
+    pool_blocks = triton.cdiv(num_pools, blocks.pools)
+    programs = _backward_programs(x, num_tiles, pool_blocks)
+    # every (program, pool) entry is written by the kernel when the sums are wanted
+    partial = torch.empty((programs, 2, num_pools) if need_params else (1,), dtype=torch.float32, device=x.device)
+    gamma_stride, sigma_stride = _param_strides(gamma, sigma)
+    _ours_backward_kernel[(programs, pool_blocks)](
+        x, grad, dx if need_x else x, partial, gamma.contiguous(), sigma.contiguous(),
+        layout.pixels, tiles_per_image, num_tiles, layout.stride_image, layout.stride_pixel, layout.stride_channel,
+        num_pools, gamma_stride, sigma_stride, float(eps), DENOMINATOR_FLOOR,
+        POOL=pool, POWER=float(power), NEED_DX=need_x, NEED_PARAMS=need_params,
+        BLOCK_PIX=blocks.pix, BLOCK_G=blocks.pools, BLOCK_S=blocks.pool, num_warps=blocks.num_warps,
+    )  # fmt: skip
+    if need_params:
+        total, correction = partial.sum(dim=0)  # the small second reduction: (programs, 2, G) -> 2 x (G,)
+        if need_gamma:
+            grad_gamma = (total if gamma.numel() > 1 else total.sum().reshape(1)).to(gamma.dtype)
+        if need_sigma:
+            s = sigma.float()
+            offset = (s * s if power == 2 else s.abs().pow(power)) + eps
+            d_offset = 2 * s if power == 2 else power * s.abs().pow(power - 1) * s.sign()
+            correction = correction if sigma.numel() > 1 else correction.sum().reshape(1)
+            # the floor on the offset is constant where it is active: no gradient there
+            grad_sigma = (-correction * d_offset * (offset > DENOMINATOR_FLOOR)).to(sigma.dtype)
+    return dx, grad_gamma, grad_sigma

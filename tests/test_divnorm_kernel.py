@@ -1,0 +1,279 @@
+"""The fused Triton ``ours`` kernel against the torch path: on the CPU under Triton's interpreter, and on CUDA.
+
+Triton decides whether kernels are interpreted when ``triton.language`` is first imported (its own ``tl.sum`` is
+then interpreted or compiled for good), so ``TRITON_INTERPRET=1`` cannot be switched on inside a running test
+session, and setting it for the whole session (conftest) would make the GPU tests interpreted too. The
+``test_interpreted_*`` tests therefore run in a child pytest started with the variable set
+(:func:`test_kernel_under_triton_interpreter`); in this process they are skipped. The grid of cases is sparse but
+covers each channel count, pool exponent, power, layout, dtype, batch size and parameter option at least once
+(the interpreter is slow; each case is a 2x3 image).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from divnorm import build_divnorm, pool_size
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child of test_kernel_under_triton_interpreter"
+)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pair(channels: int, **specs) -> tuple[nn.Module, nn.Module]:
+    """The same ``ours`` layer twice (kernel=triton, kernel=torch) with equal, non-trivial parameters."""
+    fused = build_divnorm({"type": "ours", "kernel": "triton", **specs}, channels)
+    reference = build_divnorm({"type": "ours", "kernel": "torch", **specs}, channels)
+    generator = torch.Generator().manual_seed(channels)
+    with torch.no_grad():
+        fused.gamma.copy_(torch.randn(fused.gamma.shape, generator=generator) * 0.3)
+        fused.sigma.copy_(torch.rand(fused.sigma.shape, generator=generator) + 0.5)
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+def _input(batch: int, channels: int, dtype: torch.dtype, channels_last: bool, size=(2, 3)) -> torch.Tensor:
+    x = torch.randn(batch, channels, *size, generator=torch.Generator().manual_seed(batch * 1000 + channels))
+    x = x.to(dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Within a tolerance scaled to the tensor's largest value (bf16/fp16: about one rounding of the output)."""
+    actual, expected = actual.float(), expected.float()
+    scale = expected.abs().max().clamp_min(1e-6)
+    tolerance = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    error = (actual - expected).abs().max() / scale
+    assert error <= tolerance, f"{what}: max error {error:.3g} of the largest value (tolerance {tolerance:g})"
+
+
+def _compare(fused: nn.Module, reference: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward and backward through both layers; asserts y, dx, dgamma, dsigma agree; returns the fused output."""
+    x_fused = x.clone().requires_grad_()
+    x_reference = x.clone().requires_grad_()
+    y_fused = fused(x_fused)
+    y_reference = reference(x_reference)
+    assert y_fused.dtype == x.dtype and y_fused.shape == x.shape
+    assert y_fused.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    _close(y_fused, y_reference, x.dtype, "y")
+    grad = torch.randn(y_reference.shape, generator=torch.Generator().manual_seed(7)).to(x.device, x.dtype)
+    y_fused.backward(grad)
+    y_reference.backward(grad)
+    _close(x_fused.grad, x_reference.grad, x.dtype, "dx")
+    for name in ("gamma", "sigma"):
+        mine, theirs = getattr(fused, name), getattr(reference, name)
+        if not theirs.requires_grad:
+            assert mine.grad is None, f"{name} is frozen but got a gradient"
+            continue
+        assert mine.grad.shape == mine.shape and mine.grad.dtype == mine.dtype
+        _close(mine.grad, theirs.grad, torch.float32, f"d{name}")  # fp32 accumulation for every input dtype
+    return y_fused
+
+
+# (channels, p, power, channels_last, dtype, batch, extra specs): every value of each axis at least once.
+CASES = [
+    (3, 1.0, 2, True, torch.float32, 4, {}),  # one global pool of 3 (not a power of two)
+    (3, 0.5, 1, False, torch.float32, 1, {}),  # pools of one channel
+    (64, 0.5, 2, True, torch.float32, 4, {"single_gamma": True}),
+    (64, 0.25, 3, False, torch.bfloat16, 4, {"fix_sigma": True}),
+    (64, 0.5, 2, True, torch.float16, 1, {}),
+    (96, 1.0, 1, False, torch.float32, 1, {"single_sigma": True}),
+    (96, 0.5, 3, True, torch.bfloat16, 1, {}),
+    (96, 0.5, 2, False, torch.float32, 4, {"fix_all": True}),
+    (256, 0.5, 2, True, torch.bfloat16, 4, {}),  # a ResNet-50 stage's layer
+    (256, 0.25, 1, False, torch.float32, 4, {"single_gamma": True, "single_sigma": True}),
+    (256, 1.0, 2, False, torch.bfloat16, 1, {"fix_gamma": True}),
+    (2048, 1.0, 2, True, torch.float32, 1, {}),  # the global p = 1 pool at its widest
+    (2048, 0.5, 3, False, torch.float32, 1, {}),  # several pool blocks per pixel tile
+    (2048, 0.25, 2, True, torch.bfloat16, 4, {"fix_gamma": True, "eps": 0.0}),
+]
+
+
+@interpreted
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy log2(0) on masked lanes
+@pytest.mark.parametrize(("channels", "p", "power", "channels_last", "dtype", "batch", "specs"), CASES)
+def test_interpreted_kernel_matches_torch_path(channels, p, power, channels_last, dtype, batch, specs):
+    fused, reference = _pair(channels, p=p, power=power, **specs)
+    assert fused.pool == pool_size(channels, p)
+    _compare(fused, reference, _input(batch, channels, dtype, channels_last))
+
+
+@interpreted
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_interpreted_kernel_loops_over_more_tiles_than_programs(channels_last):
+    """Enough pixels that each backward program sums several tiles into its partial dgamma / dsigma row."""
+    fused, reference = _pair(256, p=0.5)
+    _compare(fused, reference, _input(4, 256, torch.float32, channels_last, size=(9, 9)))
+
+
+@interpreted
+def test_interpreted_kernel_takes_odd_layouts_and_expanded_gradients():
+    """A strided view is copied to NCHW once; the expanded gradient of ``.sum()`` is brought to x's layout."""
+    fused, reference = _pair(64, p=0.5)
+    x = _input(2, 64, torch.float32, False, size=(4, 6))[..., ::2]  # neither layout
+    x_fused, x_reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = fused(x_fused)
+    assert y.is_contiguous()
+    _close(y, reference(x_reference), torch.float32, "y")
+    fused(x_fused).sum().backward()
+    reference(x_reference).sum().backward()
+    _close(x_fused.grad, x_reference.grad, torch.float32, "dx")
+    _close(fused.gamma.grad, reference.gamma.grad, torch.float32, "dgamma")
+
+
+@interpreted
+def test_interpreted_custom_op_registration():
+    """torch.library's own check of the schema, fake implementation, autograd and AOT dispatch."""
+    from divnorm.ops import ours_fwd
+
+    x = torch.randn(2, 64, 2, 3).to(memory_format=torch.channels_last).requires_grad_()
+    args = (x, torch.zeros(8, requires_grad=True), torch.ones(8, requires_grad=True), 8, 2.0, 1e-8)
+    torch.library.opcheck(ours_fwd, args)
+
+
+@interpreted
+def test_interpreted_compiled_model_has_no_graph_break():
+    """Dynamo traces through the custom op in one graph; AOT autograd's compiled step equals the eager one."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), build_divnorm({"type": "ours", "kernel": "triton"}, 16))
+    x = torch.randn(2, 3, 4, 4)
+    explanation = torch._dynamo.explain(net)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert "divnorm.ours_fwd" in explanation.graphs[0].code
+    eager = net(x)
+    eager.square().sum().backward()
+    eager_grad = net[0].weight.grad.clone()
+    net.zero_grad()
+    compiled = torch.compile(net, backend="aot_eager")(x)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(net[0].weight.grad, eager_grad)
+
+
+def test_auto_on_cpu_takes_the_torch_path():
+    """kernel=auto decides from the input's device: a CPU tensor never reaches the kernel, interpreter or not."""
+    layer = build_divnorm({"type": "ours"}, 64)
+    assert layer.kernel == "auto"
+    y = layer(torch.randn(2, 64, 2, 3, requires_grad=True))
+    assert type(y.grad_fn).__name__ == "GroupedDivNormFunctionBackward"
+
+
+@interpreted
+def test_interpreted_triton_on_cpu_takes_the_kernel():
+    layer = build_divnorm({"type": "ours", "kernel": "triton"}, 64)
+    assert "divnorm_ours_fwd" in type(layer(torch.randn(2, 64, 2, 3, requires_grad=True)).grad_fn).__name__
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this process runs the interpreter")
+def test_triton_on_cpu_without_interpreter_says_what_to_do():
+    layer = build_divnorm({"type": "ours", "kernel": "triton"}, 64)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors .*TRITON_INTERPRET=1") as info:
+        layer(torch.randn(1, 64, 2, 3))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the child's parent")
+def test_kernel_under_triton_interpreter():
+    """Runs every ``test_interpreted_*`` test in a child pytest whose process starts with TRITON_INTERPRET=1."""
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k", "interpreted"]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout[-6000:] + result.stderr[-3000:]
+    assert result.returncode == 0, output
+    passed = re.search(r"(\d+) passed", result.stdout)
+    # the cases, 2 tile-loop tests and 4 others (odd layouts, opcheck, no graph break, kernel taken on CPU)
+    assert passed and int(passed.group(1)) == len(CASES) + 6, output
+    assert "skipped" not in result.stdout.splitlines()[-1], output
+
+
+def test_bad_kernel_value_is_one_line():
+    with pytest.raises(ValueError, match=r"^divnorm_specs.kernel must be one of auto, triton, torch, got 'cuda'$"):
+        build_divnorm({"type": "ours", "kernel": "cuda"}, 64)
+    with pytest.raises(ValueError, match="divnorm_specs.kernel must be one of"):
+        build_divnorm({"type": "ours", "kernel": True}, 64)
+
+
+def test_config_validates_kernel_key():
+    from divnorm.ops import KERNEL_CHOICES
+    from train.config import CHOICES, ConfigError, load_config
+
+    assert CHOICES["model.divnorm_specs.kernel"] == KERNEL_CHOICES
+    assert load_config("cifar100", "resnet18", [])["model"]["divnorm_specs"]["kernel"] == "auto"
+    assert (
+        load_config("cifar100", "resnet18", ["model.divnorm_specs.kernel=torch"])["model"]["divnorm_specs"]["kernel"]
+        == "torch"
+    )
+    with pytest.raises(ConfigError, match="choose one of: auto, triton, torch"):
+        load_config("cifar100", "resnet18", ["model.divnorm_specs.kernel=cuda"])
+
+
+# ---- GPU: the compiled kernel (skipped without CUDA; see tests/conftest.py) ----
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize(
+    ("shape", "p", "power"),
+    [((8, 256, 56, 56), 0.5, 2), ((4, 2048, 7, 7), 1.0, 2), ((4, 96, 15, 15), 0.5, 3), ((2, 64, 9, 9), 0.25, 1)],
+)
+def test_kernel_matches_torch_path_on_cuda(shape, p, power, channels_last, dtype):
+    fused, reference = _pair(shape[1], p=p, power=power)
+    fused, reference = fused.cuda(), reference.cuda()
+    x = torch.randn(shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(dtype)
+    _compare(fused, reference, x.to(memory_format=torch.channels_last) if channels_last else x)
+
+
+def _small_dn_net(kernel: str) -> nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    for c_in, c_out in ((3, 32), (32, 64)):
+        dn = build_divnorm({"type": "ours", "kernel": kernel}, c_out)
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), dn, nn.ReLU(), nn.BatchNorm2d(c_out)]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+@pytest.mark.gpu
+def test_compiled_model_with_kernel_has_no_graph_break_on_cuda():
+    net = _small_dn_net("auto").cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 16, 16, device="cuda").to(memory_format=torch.channels_last)
+    explanation = torch._dynamo.explain(net)(x)
+    assert explanation.graph_break_count == 0
+    assert "divnorm.ours_fwd" in explanation.graphs[0].code  # kernel=auto took the kernel on CUDA
+
+
+@pytest.mark.gpu
+def test_compiled_training_matches_eager_on_cuda():
+    """Five SGD steps under bf16 autocast: the compiled model's losses follow the eager one's."""
+    x = torch.randn(16, 3, 16, 16, device="cuda").to(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (16,), device="cuda")
+    losses = {}
+    for mode in ("eager", "compiled"):
+        net = _small_dn_net("triton").cuda().to(memory_format=torch.channels_last)
+        model = torch.compile(net) if mode == "compiled" else net
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        losses[mode] = []
+        for _ in range(5):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses[mode].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses["compiled"]), torch.tensor(losses["eager"]), rtol=3e-2, atol=3e-2)
+    assert losses["eager"][-1] < losses["eager"][0]  # it trained
