@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -413,10 +414,8 @@ sys.meta_path.insert(0, _NotInstalled())
 """
 
 
-@pytest.mark.timeout(300)
-def test_upper_bound_runs_with_neither_dali_nor_ffcv(tmp_path):
-    """The fixed-batch bound imports no loader backend: in processes where DALI and FFCV cannot be imported it
-    measures, in its own setting process, and nothing even tries to import them."""
+def without_dali_and_ffcv(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An environment whose Python processes cannot import DALI or FFCV, and the log of attempts to."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCK_DALI_FFCV)
@@ -427,6 +426,14 @@ def test_upper_bound_runs_with_neither_dali_nor_ffcv(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import ffcv"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "No module named 'ffcv'" in probe.stderr
     log.unlink()
+    return env, log
+
+
+@pytest.mark.timeout(300)
+def test_upper_bound_runs_with_neither_dali_nor_ffcv(tmp_path):
+    """The fixed-batch bound imports no loader backend: in processes where DALI and FFCV cannot be imported it
+    measures, in its own setting process, and nothing even tries to import them."""
+    env, log = without_dali_and_ffcv(tmp_path)
     out = tmp_path / "out"
     command = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--dataset", "synthetic", "--mode", "upper_bound",
                "--devices", "cpu", "--batch-sizes", "2", "--model", "resnet18", "--divnorm", "ours", "--seconds", "0.3",
@@ -460,3 +467,76 @@ def test_gpu_upper_bound_eager_and_compiled_in_one_run(tmp_path):
     text = (tmp_path / "results.md").read_text()
     ratio = f"{compiled['images_per_second'] / eager['images_per_second']:.2f}x"
     assert f"| resnet18 | nonorm | gpu | 128 | {format_ips(eager['images_per_second'])} | " in text and ratio in text
+
+
+@pytest.mark.timeout(300)
+def test_gpu_step_dry_run_writes_every_item(tmp_path):
+    """benchmarks/gpu_step.py --dry-run on the CPU (where DALI and FFCV cannot be imported): every layer variant
+    and model item is in results.json with a status, the eager ones measured, the floor from the bytes moved and
+    the measured copy bandwidth, the Triton variant measured under Triton's interpreter where build_divnorm takes
+    the ``kernel`` key and skipped with the reason where it does not yet."""
+    from divnorm import build_divnorm
+
+    try:
+        build_divnorm({"type": "ours", "kernel": "triton"}, 64)
+        kernel = True
+    except ValueError as error:
+        assert "kernel" in str(error)
+        kernel = False
+    env, log = without_dali_and_ffcv(tmp_path)
+    env["TRITON_INTERPRET"] = "1"  # the Triton kernel on CPU tensors
+    out = tmp_path / "step"
+    command = [sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--dry-run", "--models", "resnet18",
+               "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert not log.exists(), log.read_text()
+    result = json.loads((out / "results.json").read_text())
+    assert result["dry_run"] is True and result["device"] == "cpu" and result["kernel_key_supported"] is kernel
+    assert result["copy"]["status"] == "ok" and result["copy"]["gb_per_second"] > 0
+    assert [entry["shape"] for entry in result["layer"]] == [[2, 64, 8, 8], [2, 128, 4, 4]]
+    for entry in result["layer"]:
+        variants = entry["variants"]
+        assert set(variants) == {"ours_eager", "ours_compiled", "ours_triton", "batchnorm_relu_eager",
+                                 "batchnorm_relu_compiled"}  # fmt: skip
+        assert entry["pool_size"] == 8 and entry["bytes_moved"] == 5 * 4 * math.prod(entry["shape"])  # fp32 here
+        bandwidth = result["copy"]["gb_per_second"] * 1e9
+        assert entry["floor_ms"] == pytest.approx(entry["bytes_moved"] / bandwidth * 1000, rel=1e-3, abs=1e-4)
+        for name in ("ours_eager", "batchnorm_relu_eager"):
+            item = variants[name]
+            assert item["status"] == "ok" and item["ms_min"] <= item["ms"] <= item["ms_max"] and item["ms"] > 0
+            assert item["repeats"] == 2 and item["first_call_seconds"] > 0
+        for name in ("ours_compiled", "batchnorm_relu_compiled"):
+            assert variants[name]["status"] == "skipped" and "dry run" in variants[name]["reason"]
+        triton = variants["ours_triton"]
+        if kernel:
+            assert triton["status"] == "ok" and triton["max_abs_diff_vs_eager"] < 1e-4, triton
+        else:
+            assert triton["status"] == "skipped" and "'kernel'" in triton["reason"], triton
+    assert [(m["model"], m["divnorm"], m["compile"]) for m in result["models"]] == [
+        ("resnet18", "nonorm", False), ("resnet18", "ours", False),
+        ("resnet18", "nonorm", True), ("resnet18", "ours", True),
+    ]  # fmt: skip
+    for record in result["models"]:
+        assert (record["resolution"], record["batch_size"], record["num_classes"]) == (16, 2, 10)
+        if record["compile"]:
+            assert record["status"] == "skipped" and "dry run" in record["reason"]
+        else:
+            assert record["status"] == "ok" and record["images_per_second"] > 0 and record["amp"] == "fp32"
+    names = [row["name"] for row in result["targets"]]
+    assert names == [
+        "ours fwd+bwd (2, 64, 8, 8), Triton, ms",
+        "ours fwd+bwd (2, 64, 8, 8), Triton / memory floor",
+        "ours fwd+bwd (2, 128, 4, 4), Triton / compiled torch path",
+        "resnet50 DN / no DN, compiled",
+        "resnet18 DN / no DN, compiled",
+        "resnet50 compiled / eager upper bound",
+    ]
+    for row in result["targets"]:
+        assert (row["met"] is None) == (row["value"] is None)
+    assert result["targets"][0]["met"] is (None if not kernel else result["targets"][0]["value"] <= 0.70)
+    eager_ratio = result["ratios"]["resnet18 DN / no DN, eager"]
+    ours, nonorm = (m["images_per_second"] for m in result["models"][1::-1])
+    assert eager_ratio == pytest.approx(ours / nonorm, abs=1e-3)
+    text = (out / "results.md").read_text()
+    assert "## Targets" in text and "| (2, 64, 8, 8) | 8 |" in text and "| resnet18 | 16 | 2 | ours |" in text
