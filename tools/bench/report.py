@@ -420,9 +420,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{format_ips(v['best_train_images_per_second'])} | {format_ips(v['best_loader_images_per_second'])} | "
                 f"{format_ips(v['upper_bound_images_per_second'])} ({bound}) | {_fmt(v['headroom_percent'], 1)} % |"
             )
-        lines += [""] + [f"- {v['model']} on {v['device']}: {v['verdict']}; {v['note']}." for v in found if v["note"]]
         lines.append("")
-        lines += share_table(found)
+        notes = [f"- {v['model']} on {v['device']}: {v['verdict']}; {v['note']}." for v in found if v["note"]]
+        lines += notes + ([""] if notes else []) + share_table(found)
     elif any(r["mode"] == "upper_bound" for r in records) and not any(r["mode"] == "train" for r in records):
         lines += [
             "## Verdict per model",
