@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -84,6 +85,12 @@ def test_results_json_has_every_setting_and_the_machine(short_run):
             assert record["checksum_finite"] and record["dataset_size"] == 512
         else:
             assert record["loss_finite"] and record["model"] == "alexnet"
+    for record in records:  # --compile auto, as the trainer: compiled on a GPU, eager on the CPU
+        if record["mode"] == "loader":
+            assert record["compile"] is None and record["compile_mode"] is None
+        else:
+            assert record["compile"] is (record["device"] == "gpu"), record
+            assert record["compile_mode"] == ("default" if record["compile"] else None)
     if not cuda:
         gpu_records = [r for r in records if r["device"] == "gpu"]
         assert gpu_records and all(r["status"] == "skipped" and "CUDA" in r["reason"] for r in gpu_records)
@@ -168,6 +175,7 @@ def test_ctrl_c_writes_what_was_measured(tmp_path):
         (["--devices", "tpu"], "unknown device(s) tpu; choose from cpu, gpu"),
         (["--model", "resnet7"], "unknown model(s) resnet7; choose from"),
         (["--dataset", "imagenet"], "--dataset imagenet needs --data"),
+        (["--compile", "off,yes"], "unknown --compile yes; choose from auto, on, off or a comma list (e.g. off,on)"),
     ],
 )
 def test_bad_input_is_one_clear_message(tmp_path, args, message):
@@ -220,7 +228,7 @@ def test_gpu_settings_use_cuda_events_and_report_memory(tmp_path):
     done = run_benchmark(
         "--dataset", "synthetic", "--loaders", "gpu,torch", "--devices", "gpu", "--workers", "2",
         "--batch-sizes", "64", "--model", "resnet18", "--mode", "both", "--seconds", "1", "--windows", "2",
-        "--option", "subset=2048", "--out", str(tmp_path),
+        "--option", "subset=2048", "--compile", "off", "--out", str(tmp_path),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     records = json.loads((tmp_path / "results.json").read_text())["results"]
@@ -256,3 +264,279 @@ def test_synthetic_jpeg_tree_is_decodable_sized_and_deterministic(tmp_path):
     stamp = paths[0].stat().st_mtime_ns
     make_synthetic_jpeg_tree(tmp_path / "a", 4, size=(64, 48), classes=2)
     assert paths[0].stat().st_mtime_ns == stamp
+
+
+# ------------------------------------------------------------------------------------ the compile axis
+
+
+def test_compile_axis_expands_the_matrix_like_batch_sizes(capsys):
+    """``--compile off,on`` doubles every training setting and upper bound (loader-only settings stay single);
+    ``auto`` resolves per device as the trainer's training.compile=auto does."""
+    from tools import benchmark
+    from tools.bench.settings import build_matrix, compile_variants, resolve_compile
+
+    assert (resolve_compile("auto", "gpu"), resolve_compile("auto", "cpu")) == (True, False)
+    assert (resolve_compile("on", "cpu"), resolve_compile("off", "gpu")) == (True, False)
+    assert compile_variants(["auto", "on"], "gpu") == [True]  # one setting, not two
+    assert compile_variants(["on", "auto"], "cpu") == [False, True]  # eager first
+    common = {"compile_mode": "max-autotune", "seconds": 1.0}
+    settings = build_matrix(
+        dataset="synthetic", loaders=["torch", "gpu"], devices=["cpu", "gpu"], workers=[1, 2], batch_sizes=[8],
+        modes=["loader", "train"], models=["resnet18"], divnorms=["nonorm", "ours"], dali_devices=["auto"],
+        common=common, compiles=["off", "on"],
+    )  # fmt: skip
+    per_device = 2 * 2 + 3 * (1 + 2 * 2)  # bounds (divnorm x compile); per loader run: 1 loader + 4 train
+    assert len(settings) == 2 * per_device
+    trains = [s for s in settings if s.mode == "train"]
+    for key in {(s.loader, s.device, s.workers, s.divnorm) for s in trains}:
+        assert sorted(s.compile for s in trains if (s.loader, s.device, s.workers, s.divnorm) == key) == [False, True]
+    bounds = [s for s in settings if s.mode == "upper_bound"]
+    assert [(s.device, s.divnorm, s.compile) for s in bounds[:4]] == [
+        ("cpu", "nonorm", False), ("cpu", "nonorm", True), ("cpu", "ours", False), ("cpu", "ours", True),
+    ]  # fmt: skip
+    assert all(s.compile_mode == "max-autotune" for s in settings) and all(s.loader == "resident" for s in bounds)
+    assert not any(s.compile for s in settings if s.mode == "loader")
+    # upper_bound mode alone: the bounds and nothing else, whatever --loaders says
+    only = build_matrix(
+        dataset="synthetic", loaders=["torch"], devices=["gpu"], workers=[1], batch_sizes=[8, 16],
+        modes=["upper_bound"], models=["resnet50"], divnorms=["nonorm"], dali_devices=["auto"], common={},
+        compiles=["auto"],
+    )  # fmt: skip
+    assert [(s.mode, s.batch_size, s.compile) for s in only] == [("upper_bound", 8, True), ("upper_bound", 16, True)]
+    # the same through the command line
+    assert benchmark.main(["--dataset", "synthetic", "--list", "--devices", "cpu", "--loaders", "gpu",
+                           "--batch-sizes", "4", "--compile", "off,on"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["upper_bound", "upper_bound", "loader", "train", "train"]
+    assert [line.endswith("compiled") for line in lines] == [False, True, False, False, True]
+
+
+def test_records_carry_compile_and_compile_mode():
+    for compiled, mode in ((False, "reduce-overhead"), (True, "reduce-overhead"), (True, "default")):
+        setting = Setting("synthetic", "resident", "gpu", 0, 8, "upper_bound", "resnet50", compile=compiled,
+                          compile_mode=mode)  # fmt: skip
+        record = make_record(setting, "ok", images_per_second=1.0)
+        assert record["compile"] is compiled and record["compile_mode"] == (mode if compiled else None)
+    loader_only = make_record(Setting("synthetic", "torch", "gpu", 2, 8, "loader", compile=True), "ok")
+    assert loader_only["compile"] is None and loader_only["compile_mode"] is None
+
+
+def _bench_record(loader, mode, ips, *, compiled, batch=256, workers=8, **measured):
+    setting = Setting("imagenet", loader, "gpu", workers, batch, mode, None if mode == "loader" else "resnet50",
+                      compile=compiled)  # fmt: skip
+    return make_record(setting, "ok", images_per_second=float(ips), **measured)
+
+
+def _result(records):
+    from tools.bench.report import verdicts
+
+    machine = {"cpu_model": "test", "cpu_cores_logical": 16, "ram_gib": 128, "gpus": [], "libraries": {}, "git": {}}
+    return {"dataset": "imagenet", "machine_name": "test", "machine": machine, "command": "python tools/benchmark.py",
+            "finished": "now", "settings": {"seconds": 6, "windows": 3}, "results": records,
+            "verdicts": verdicts(records)}  # fmt: skip
+
+
+def test_markdown_sets_bounds_side_by_side_and_the_verdict_uses_the_compiled_one():
+    """Eager bound 4,727, compiled 6,923 (the issue's ResNet-50 figures): a loader giving 6,000 img/s keeps up with
+    the eager step but not the compiled one, so the verdict must say loader-bound."""
+    from tools.bench.report import markdown
+
+    records = [
+        _bench_record("resident", "upper_bound", 4727, compiled=False, workers=0),
+        _bench_record("resident", "upper_bound", 6923, compiled=True, workers=0, compile_seconds=61.5),
+        _bench_record("dali", "loader", 6000, compiled=False),
+        _bench_record("dali", "train", 4600, compiled=False),
+        _bench_record("dali", "train", 5900, compiled=True),
+        _bench_record("torch", "train", 2500, compiled=True),
+    ]
+    result = _result(records)
+    (v,) = result["verdicts"]
+    assert v["verdict"] == "loader-bound" and v["upper_bound_compile"] is True
+    assert v["upper_bound_images_per_second"] == 6923 and v["eager_upper_bound_images_per_second"] == 4727
+    assert v["compiled_over_eager"] == pytest.approx(6923 / 4727, abs=1e-3)
+    assert v["best_setting"] == "dali, gpu, workers 8, batch 256, compiled" and v["best_setting_record"]["compile"]
+    assert v["headroom_percent"] == round(100 * (6923 / 5900 - 1), 1)
+    shares = {(s["setting"], s["compile"]): s["share_percent"] for s in v["shares"]}
+    assert shares == {
+        ("dali, gpu, workers 8, batch 256, compiled", True): round(100 * 5900 / 6923, 1),
+        ("dali, gpu, workers 8, batch 256", False): round(100 * 4600 / 6923, 1),  # eager runs against it too
+        ("torch, gpu, workers 8, batch 256, compiled", True): round(100 * 2500 / 6923, 1),
+    }
+    text = markdown(result)
+    assert "| resnet50 | nonorm | gpu | 256 | 4,727 | 6,923 | 1.46x | 61.5 |" in text  # side by side
+    assert "| 6,923 (compiled) | 17.3 % |" in text  # the verdict row's bound and headroom
+    assert "| resnet50 | nonorm | dali, gpu, workers 8, batch 256 | 4,600 | 6,923 | compiled | 66.4 % |" in text
+    assert "mode `upper_bound`, model `resnet50`, divnorm `nonorm`, eager" in text
+    assert "mode `train`, model `resnet50`, divnorm `nonorm`, compiled" in text
+    # without the compiled bound the same records judge against the eager one: compute-bound
+    eager_only = _result([r for r in records if not (r["mode"] == "upper_bound" and r["compile"])])
+    (v,) = eager_only["verdicts"]
+    assert v["verdict"] == "compute-bound" and v["upper_bound_compile"] is False
+    assert v["compiled_upper_bound_images_per_second"] is None
+    assert "| resnet50 | nonorm | gpu | 256 | 4,727 | – | – | – |" in markdown(eager_only)
+
+
+def test_tune_picks_under_the_trainers_compile_setting():
+    """On a GPU the trainer compiles by default, so --tune compares loaders under compiled training steps (an
+    eager-only measurement still tunes when nothing was compiled)."""
+    records = [
+        _bench_record("resident", "upper_bound", 6923, compiled=True, workers=0),
+        _bench_record("torch", "train", 4700, compiled=False, workers=16),  # keeps up with the eager step only
+        _bench_record("torch", "train", 4710, compiled=True, workers=16),
+        _bench_record("dali", "train", 4690, compiled=False),
+        _bench_record("dali", "train", 6500, compiled=True),
+    ]
+    fragment = tuned_fragment(records, "imagenet")
+    assert fragment["data"] == {"loader": "dali", "workers": 8, "batch_size": 256}
+    assert fragment["benchmark"]["compile"] is True and fragment["benchmark"]["images_per_second"] == 6500
+    eager = [r for r in records if not r["compile"]]
+    fragment = tuned_fragment(eager, "imagenet")
+    assert fragment["data"]["loader"] == "torch" and fragment["benchmark"]["compile"] is False
+
+
+BLOCK_DALI_FFCV = """
+# sitecustomize for the test below: `import nvidia.dali` / `import ffcv` fail as if not installed, in every process
+# started with this folder on PYTHONPATH (the benchmark's setting processes too); each attempt is logged.
+import os
+import sys
+
+
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("nvidia.dali", "ffcv") or name.startswith(("nvidia.dali.", "ffcv.")):
+            with open(os.environ["BLOCKED_IMPORTS_LOG"], "a") as log:
+                log.write(name + "\\n")
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+def without_dali_and_ffcv(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An environment whose Python processes cannot import DALI or FFCV, and the log of attempts to."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCK_DALI_FFCV)
+    log = tmp_path / "blocked.txt"
+    env = {**os.environ, "PYTHONPATH": str(site), "BLOCKED_IMPORTS_LOG": str(log)}
+    probe = subprocess.run([sys.executable, "-c", "import nvidia.dali"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'nvidia.dali'" in probe.stderr  # the blocker works
+    probe = subprocess.run([sys.executable, "-c", "import ffcv"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'ffcv'" in probe.stderr
+    log.unlink()
+    return env, log
+
+
+@pytest.mark.timeout(300)
+def test_upper_bound_runs_with_neither_dali_nor_ffcv(tmp_path):
+    """The fixed-batch bound imports no loader backend: in processes where DALI and FFCV cannot be imported it
+    measures, in its own setting process, and nothing even tries to import them."""
+    env, log = without_dali_and_ffcv(tmp_path)
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "tools" / "benchmark.py"), "--dataset", "synthetic", "--mode", "upper_bound",
+               "--devices", "cpu", "--batch-sizes", "2", "--model", "resnet18", "--divnorm", "ours", "--seconds", "0.3",
+               "--windows", "1", "--warmup-steps", "1", "--warmup-seconds", "0", "--amp", "off",
+               "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (record,) = json.loads((out / "results.json").read_text())["results"]
+    assert record["status"] == "ok" and record["images_per_second"] > 0, record
+    assert (record["mode"], record["loader"], record["divnorm"]) == ("upper_bound", "resident", "ours")
+    assert record["compile"] is False and record["compile_mode"] is None and record["compile_seconds"] is None
+    assert not log.exists(), log.read_text()  # no process tried to import DALI or FFCV
+    assert "| resnet18 | ours | cpu | 2 |" in (out / "results.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(420)
+def test_gpu_upper_bound_eager_and_compiled_in_one_run(tmp_path):
+    done = run_benchmark(
+        "--dataset", "synthetic", "--mode", "upper_bound", "--devices", "gpu", "--batch-sizes", "128",
+        "--model", "resnet18", "--compile", "off,on", "--seconds", "1", "--windows", "2", "--out", str(tmp_path),
+        timeout=400,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [(r["status"], r["compile"], r["compile_mode"]) for r in records] == [
+        ("ok", False, None), ("ok", True, "default"),
+    ], records  # fmt: skip
+    eager, compiled = records
+    assert compiled["compile_seconds"] > 0 and compiled["warmup_seconds"] >= compiled["compile_seconds"]
+    text = (tmp_path / "results.md").read_text()
+    ratio = f"{compiled['images_per_second'] / eager['images_per_second']:.2f}x"
+    assert f"| resnet18 | nonorm | gpu | 128 | {format_ips(eager['images_per_second'])} | " in text and ratio in text
+
+
+@pytest.mark.timeout(300)
+def test_gpu_step_dry_run_writes_every_item(tmp_path):
+    """benchmarks/gpu_step.py --dry-run on the CPU (where DALI and FFCV cannot be imported): every layer variant
+    and model item is in results.json with a status, the eager ones measured, the floor from the bytes moved and
+    the measured copy bandwidth, the Triton variant measured under Triton's interpreter where build_divnorm takes
+    the ``kernel`` key and skipped with the reason where it does not yet."""
+    from divnorm import build_divnorm
+
+    try:
+        build_divnorm({"type": "ours", "kernel": "triton"}, 64)
+        kernel = True
+    except ValueError as error:
+        assert "kernel" in str(error)
+        kernel = False
+    env, log = without_dali_and_ffcv(tmp_path)
+    env["TRITON_INTERPRET"] = "1"  # the Triton kernel on CPU tensors
+    out = tmp_path / "step"
+    command = [sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--dry-run", "--models", "resnet18",
+               "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert not log.exists(), log.read_text()
+    result = json.loads((out / "results.json").read_text())
+    assert result["dry_run"] is True and result["device"] == "cpu" and result["kernel_key_supported"] is kernel
+    assert result["copy"]["status"] == "ok" and result["copy"]["gb_per_second"] > 0
+    assert [entry["shape"] for entry in result["layer"]] == [[2, 64, 8, 8], [2, 128, 4, 4]]
+    for entry in result["layer"]:
+        variants = entry["variants"]
+        assert set(variants) == {"ours_eager", "ours_compiled", "ours_triton", "batchnorm_relu_eager",
+                                 "batchnorm_relu_compiled"}  # fmt: skip
+        assert entry["pool_size"] == 8 and entry["bytes_moved"] == 5 * 4 * math.prod(entry["shape"])  # fp32 here
+        bandwidth = result["copy"]["gb_per_second"] * 1e9
+        assert entry["floor_ms"] == pytest.approx(entry["bytes_moved"] / bandwidth * 1000, rel=1e-3, abs=1e-4)
+        for name in ("ours_eager", "batchnorm_relu_eager"):
+            item = variants[name]
+            assert item["status"] == "ok" and item["ms_min"] <= item["ms"] <= item["ms_max"] and item["ms"] > 0
+            assert item["repeats"] == 2 and item["first_call_seconds"] > 0
+        for name in ("ours_compiled", "batchnorm_relu_compiled"):
+            assert variants[name]["status"] == "skipped" and "dry run" in variants[name]["reason"]
+        triton = variants["ours_triton"]
+        if kernel:
+            assert triton["status"] == "ok" and triton["max_abs_diff_vs_eager"] < 1e-4, triton
+        else:
+            assert triton["status"] == "skipped" and "'kernel'" in triton["reason"], triton
+    assert [(m["model"], m["divnorm"], m["compile"]) for m in result["models"]] == [
+        ("resnet18", "nonorm", False), ("resnet18", "ours", False),
+        ("resnet18", "nonorm", True), ("resnet18", "ours", True),
+    ]  # fmt: skip
+    for record in result["models"]:
+        assert (record["resolution"], record["batch_size"], record["num_classes"]) == (16, 2, 10)
+        if record["compile"]:
+            assert record["status"] == "skipped" and "dry run" in record["reason"]
+        else:
+            assert record["status"] == "ok" and record["images_per_second"] > 0 and record["amp"] == "fp32"
+    names = [row["name"] for row in result["targets"]]
+    assert names == [
+        "ours fwd+bwd (2, 64, 8, 8), Triton, ms",
+        "ours fwd+bwd (2, 64, 8, 8), Triton / memory floor",
+        "ours fwd+bwd (2, 128, 4, 4), Triton / compiled torch path",
+        "resnet50 DN / no DN, compiled",
+        "resnet18 DN / no DN, compiled",
+        "resnet50 compiled / eager upper bound",
+    ]
+    for row in result["targets"]:
+        assert (row["met"] is None) == (row["value"] is None)
+    assert result["targets"][0]["met"] is (None if not kernel else result["targets"][0]["value"] <= 0.70)
+    eager_ratio = result["ratios"]["resnet18 DN / no DN, eager"]
+    ours, nonorm = (m["images_per_second"] for m in result["models"][1::-1])
+    assert eager_ratio == pytest.approx(ours / nonorm, abs=1e-3)
+    text = (out / "results.md").read_text()
+    assert "## Targets" in text and "| (2, 64, 8, 8) | 8 |" in text and "| resnet18 | 16 | 2 | ours |" in text

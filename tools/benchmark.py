@@ -2,13 +2,18 @@
 
     python tools/benchmark.py --dataset imagenet|cifar100|synthetic --data PATH --loaders torch,dali,ffcv,gpu \
         --devices cpu,gpu --workers 1,2,4,8 --batch-sizes 64,256 --resolution 224 --model resnet50 \
-        --mode loader|train|both --seconds 20 --out benchmarks/<machine>/ [--tune]
+        --mode loader|train|both|upper_bound --compile auto|on|off[,...] --compile-mode default \
+        --seconds 20 --out benchmarks/<machine>/ [--tune]
 
 Each setting runs in its own process (``tools/bench/runner.py``): a warm-up that is reported apart (DataLoader
 worker start-up, DALI pipeline build, FFCV JIT compile, model compile), then ``--seconds`` of timed windows.
 Settings that cannot run here (no GPU, backend not installed or not written) are recorded as ``skipped`` with
 the reason. ``results.json`` is rewritten after every setting, so Ctrl-C (or a crash) keeps what was measured;
-Ctrl-C also prints the table so far. ``--tune`` writes the best setting as the ``data`` config fragment that
+Ctrl-C also prints the table so far. The training modes follow the trainer's ``training.compile``: ``--compile
+auto`` (default) compiles on a GPU and runs eager on the CPU; ``--compile off,on`` measures both, each its own
+setting, and results.md sets the eager and compiled upper bounds side by side (the verdict uses the compiled one).
+``--mode upper_bound`` measures only the fixed-batch bounds: no loader, so neither DALI nor FFCV is imported.
+``--tune`` writes the best setting as the ``data`` config fragment that
 ``python -m train ... --loader auto`` reads. ``--make-sample-tree DIR`` builds the repeated ImageNet sample.
 """
 
@@ -35,7 +40,14 @@ if str(REPO) not in sys.path:  # run as a script: make the project importable
 from tools.bench import data as bench_data  # noqa: E402
 from tools.bench.machine import describe_machine, machine_slug  # noqa: E402
 from tools.bench.report import markdown, tuned_fragment, verdicts, write_tuned  # noqa: E402
-from tools.bench.settings import RESIDENT, Setting, build_matrix, make_record  # noqa: E402
+from tools.bench.settings import (  # noqa: E402
+    COMPILE_CHOICES,
+    COMPILE_MODES,
+    RESIDENT,
+    Setting,
+    build_matrix,
+    make_record,
+)
 from train.files import write_json_atomic as write_json  # noqa: E402
 from train.files import write_text_atomic  # noqa: E402
 
@@ -93,7 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", type=_csv(str), default=["resnet18"], help="model(s) for --mode train: alexnet,resnet18,..."
     )
     p.add_argument("--divnorm", type=_csv(str), default=["nonorm"], help="DN variant(s) of the model, e.g. nonorm,ours")
-    p.add_argument("--mode", choices=["loader", "train", "both"], default="both")
+    p.add_argument(
+        "--mode",
+        choices=["loader", "train", "both", "upper_bound"],
+        default="both",
+        help="train brings each model's upper bound; upper_bound measures only the bounds (no loader)",
+    )
     p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per setting (after warm-up)")
     p.add_argument("--windows", type=int, default=5, help="timed windows per setting (median and spread over them)")
     p.add_argument("--warmup-batches", type=int, default=10, help="loader mode: untimed batches before timing")
@@ -102,7 +119,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="auto: bf16 (fp16 on GPUs without bf16)"
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time counts as warm-up)")
+    p.add_argument(
+        "--compile",
+        type=_csv(str),
+        default=["auto"],
+        help="training modes: auto (compile on a GPU, eager on the CPU, as the trainer), on, off, or a list "
+        "(off,on measures both); compile time counts as warm-up",
+    )
+    p.add_argument(
+        "--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile mode of compiled settings"
+    )
     p.add_argument(
         "--dali-devices", type=_csv(str), default=["auto"], help="DALI data.dali_device values: auto,cpu,gpu"
     )
@@ -153,6 +179,12 @@ def validate(args: argparse.Namespace) -> None:
         raise SystemExit("benchmark: --workers must be >= 0 and --batch-sizes >= 1")
     if args.seconds <= 0 or args.windows < 1:
         raise SystemExit("benchmark: --seconds must be > 0 and --windows >= 1")
+    bad_compile = [c for c in args.compile if c not in COMPILE_CHOICES]
+    if bad_compile or not args.compile:
+        raise SystemExit(
+            f"benchmark: unknown --compile {', '.join(bad_compile) or '(empty)'}; choose from "
+            f"{', '.join(COMPILE_CHOICES)} or a comma list (e.g. off,on)"
+        )
     bad_dali = [d for d in args.dali_devices if d not in ("auto", "cpu", "gpu")]
     if bad_dali:
         raise SystemExit(f"benchmark: unknown --dali-devices {', '.join(bad_dali)}; choose from auto, cpu, gpu")
@@ -234,6 +266,8 @@ def _kill(child: subprocess.Popen) -> None:
 def summary_line(record: dict[str, Any]) -> str:
     name = f"{record['mode']:<11} {record.get('model') or '':<9} {record['loader']:<8} {record['device']} "
     name += f"w{record['workers']} b{record['batch_size']}"
+    if record.get("compile"):
+        name += f" compiled({record.get('compile_mode')})"
     if record["status"] != "ok":
         return f"{name}: {record['status']} ({record['reason']})"
     return (
@@ -288,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     modes = ["loader", "train"] if args.mode == "both" else [args.mode]
+    loaders = [] if modes == ["upper_bound"] else args.loaders  # the bounds read no data: no loader, no conversion
     common = {
         "resolution": args.resolution,
         "seconds": args.seconds,
@@ -296,24 +331,25 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_steps": args.warmup_steps,
         "warmup_seconds": args.warmup_seconds,
         "amp": args.amp,
-        "compile": args.compile,
+        "compile_mode": args.compile_mode,
         "options": dict(args.option),
     }
     settings = build_matrix(
         dataset=args.dataset,
-        loaders=args.loaders,
+        loaders=loaders,
         devices=args.devices,
         workers=args.workers,
         batch_sizes=args.batch_sizes,
         modes=modes,
-        models=args.model if "train" in modes else [],
+        models=args.model if modes != ["loader"] else [],
         divnorms=args.divnorm,
         dali_devices=args.dali_devices,
         common=common,
+        compiles=args.compile,
     )
     if args.list:
         for s in settings:
-            print(f"{s.mode:<11} {s.model or '':<9} {s.label}")
+            print(f"{s.mode:<11} {s.model or '':<9} {s.divnorm if s.mode != 'loader' else '':<7} {s.label}")
         return 0
     out = args.out or REPO / "benchmarks" / machine_slug()
     out.mkdir(parents=True, exist_ok=True)
@@ -336,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     timeout = args.setting_timeout or max(300.0, 3 * args.seconds + 240)
     try:
-        plan = bench_data.prepare_data(args.dataset, args.data, args.loaders, args.cache)
+        plan = bench_data.prepare_data(args.dataset, args.data, loaders, args.cache)
         result["conversions"] = plan.conversions
         with tempfile.TemporaryDirectory(prefix="divnorm-bench-") as workdir:
             for index, setting in enumerate(settings):

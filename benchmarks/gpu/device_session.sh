@@ -17,6 +17,14 @@
 #      mkdir -p /tmp/dali-parts && cp .gpudali/part-* /tmp/dali-parts/
 #   4. carry .gpudali/part-03: IMAGENET_SAMPLE=... STEPS="tests train decode" PYTEST_K=dali DALI_DECODE=cpu
 #      TEST_CAP=120 BG_WAIT=150 bash benchmarks/gpu/device_session.sh
+# A session that needs no DALI, FFCV or data (issue 18: the training step itself), one call, nothing carried:
+#   OUT=$OUT STEPS="step" bash benchmarks/gpu/device_session.sh   (run's timeout_s ~300; ~4 min of the 15)
+#   step: benchmarks/gpu_step.py into $OUT/step/ (results.json + results.md): the `ours` DN layer eager /
+#   compiled / Triton vs BatchNorm+ReLU and its memory floor at the ResNet-50 stage shapes, ResNet-18 and -50 with
+#   and without DN, eager and compiled, and the issue's targets. STEP_CAP (default 240 s) caps it, STEP_ARGS adds
+#   arguments (e.g. "--parts models" or "--models resnet50" to split it over two calls). Add "tests" (with
+#   TEST_CAP) for the GPU tests in the same call when the budget allows; DALI and the sample tree are set up only
+#   for the steps that read data.
 set -u
 OUT=${OUT:-/tmp/gpu-session}
 PY=${PY:-python3}
@@ -27,11 +35,16 @@ MODEL=${MODEL:-resnet50}
 DALI_DEVICE=${DALI_DEVICE:-gpu}
 DEVICES=${DEVICES:-gpu}
 DALI_DECODE=${DALI_DECODE:-auto}
-STEPS=${STEPS:-"tests train bench"}  # any of: tests bgtests train bench decode hwdec ffcv dn
+STEP_CAP=${STEP_CAP:-240}
+STEP_ARGS=${STEP_ARGS:-}
+STEPS=${STEPS:-"tests train bench"}  # any of: step tests bgtests train bench decode hwdec ffcv dn
 # bgtests: the GPU tests in a background process session (setsid) that outlives the call, for a machine kept warm
 # by the next calls (e.g. the transfers of DALI's parts); the next call's tests / train / bench steps wait for it
 # (at most BG_WAIT s) and copy its log. PYTEST_K: a -k filter for the GPU tests; BENCH_ROOT: where benchmark folders go (default: packed into bench.tar.gz)
 has() { [[ " $STEPS " == *" $1 "* ]]; }
+any_of() { local name; for name in "$@"; do has "$name" && return 0; done; return 1; }
+# steps that read images (DALI, FFCV, the sample tree) or may import DALI (the GPU tests' DALI cases)
+needs_data() { any_of tests bgtests train bench decode hwdec ffcv dn; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -44,6 +57,18 @@ step machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 echo "cpus: $(nproc)"; $PY -V
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
+
+if has step; then
+  step "the GPU step: DN layer vs BatchNorm+ReLU and the floor, ResNets with and without DN, eager and compiled"
+  # needs neither DALI nor FFCV nor data; the script's own time cap stops starting items 15 s before this one
+  timeout "$STEP_CAP" $PY benchmarks/gpu_step.py --out "$OUT/step" --time-cap $((STEP_CAP - 15)) $STEP_ARGS 2>&1 \
+    | tail -60
+  echo "gpu_step exit ${PIPESTATUS[0]}"
+fi
+if ! needs_data; then
+  step done
+  exit 0
+fi
 
 step install DALI
 unxz() { if command -v xz >/dev/null; then xz -d -T0; else $PY -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)"; fi; }
@@ -101,9 +126,12 @@ has train && echo "train exit $?" >>"$work/train.txt"
 has tests && tail -40 "$work/pytest.txt"; has train && tail -25 "$work/train.txt"
 
 step benchmark
-bench() {  # cap in seconds, name, then benchmark arguments
+# BENCH_COMPILE (default off): the caps below were sized for eager steps; the benchmark's own default (auto, as the
+# trainer: compiled on a GPU) compiles ResNet-50 once per setting process, a minute each on a fresh machine
+bench() {  # cap in seconds, name, then benchmark arguments (a later --compile overrides BENCH_COMPILE)
   local cap=$1 name=$2; shift 2
   timeout "$cap" $PY tools/benchmark.py --dataset imagenet --data "$tree" --devices "$DEVICES" --batch-sizes 256 \
+    --compile "${BENCH_COMPILE:-off}" \
     --seconds 6 --windows 3 --warmup-seconds 3 --setting-timeout 90 --cache "$work/cache" --out "${BENCH_ROOT:-$work/bench}/$name" "$@" \
     2>&1 | grep -v "^\s*$" | tail -40
 }
@@ -118,7 +146,7 @@ has decode && bench 70 resnet50-mixed --loaders dali --dali-devices gpu --worker
 has ffcv && bench 240 resnet50-ffcv --loaders ffcv --workers 8,16 --mode both --model "$MODEL" --divnorm nonorm
 # divisive normalization's GPU cost (2.8x in eager mode on the H200): eager vs torch.compile, DN and no DN
 has dn && bench 300 resnet50-dn-compile --loaders dali --dali-devices gpu --workers 8 --mode train --model "$MODEL" \
-  --divnorm nonorm,ours --compile --setting-timeout 240  # compiling ResNet-50 takes a minute or more
+  --divnorm nonorm,ours --compile off,on --setting-timeout 240  # compiling ResNet-50 takes a minute or more
 # the hardware JPEG decoder's share (data.hw_decoder_load): more on the NVJPG engines leaves more SMs to training
 has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 8 --mode both --model "$MODEL" \
   --divnorm nonorm --option hw_decoder_load=1.0

@@ -4,8 +4,14 @@ Three modes share one clock:
 
 * ``loader``: iterate the loader and touch each batch cheaply (one element of images and labels is added to a
   device-side checksum: no ``.item()``, no host sync per step);
-* ``train``: real training steps of the model (AMP, channels-last, optional ``torch.compile``) fed by the loader;
+* ``train``: real training steps of the model (AMP, channels-last, ``torch.compile`` where the setting says so)
+  fed by the loader;
 * ``upper_bound``: the same training steps on one fixed batch already on the device: the compute-only ceiling.
+
+``torch.compile`` compiles on the first call, so the compile time lands in the first step and with it in the
+warm-up, never in the timed windows; a compiled setting also reports that first step as ``compile_seconds``.
+A model that fails to compile fails its setting (the record says why) rather than being timed eager under a
+compiled label.
 
 On a GPU the windows are timed with CUDA events recorded at their boundaries and read after one final
 synchronisation, so nothing inside the timed region waits for the GPU; on the CPU the host clock times them.
@@ -114,7 +120,10 @@ class TrainStep:
         self.model = model.to(device, memory_format=torch.channels_last).train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
         self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and self.dtype == torch.float16)
-        self.forward = torch.compile(self.model) if setting.compile else self.model
+        self.forward = self.model
+        if setting.compile:  # mode None is torch.compile's default
+            mode = None if setting.compile_mode == "default" else setting.compile_mode
+            self.forward = torch.compile(self.model, mode=mode)
         self.loss_sum = torch.zeros((), device=device)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -246,6 +255,8 @@ def measure(setting: Setting) -> dict[str, Any]:
             "resolution": resolution,
         }
         if step is not None:
+            # the first call of a compiled model compiles it: that step is the compile time (plus one step)
+            measured["compile_seconds"] = round(first_batch_seconds, 3) if setting.compile else None
             measured["loss_finite"] = bool(torch.isfinite(step.loss_sum).item())  # one sync, at the end
             measured["amp_dtype"] = str(step.dtype).replace("torch.", "") if step.dtype else "fp32"
         else:

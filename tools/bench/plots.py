@@ -3,7 +3,7 @@
 * ``throughput_by_loader.png``: images/s of every setting, grouped by loader, one panel per mode (and model),
   with the min–max spread over the timed windows as error bars; settings that did not run are marked;
 * ``train_vs_loader.png``: per model and device, each loader's best loader-only and best training images/s
-  beside the compute-only upper bound (a horizontal line).
+  beside the compute-only upper bounds (horizontal lines: eager dashed, compiled solid, where measured).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works without a display, and before pyplot is imported
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tools.bench.report import format_ips, loader_label  # noqa: E402
+from tools.bench.report import format_ips, loader_label, step_label, upper_bounds  # noqa: E402
 
 COLORS = {"torch": "#4C72B0", "dali": "#55A868", "ffcv": "#C44E52", "gpu": "#8172B2", "resident": "#937860"}
 
@@ -27,7 +27,7 @@ def _panel_key(r: dict[str, Any]) -> str:
     if r["mode"] == "loader":
         return "loader only"
     dn = f", {r['divnorm']}" if r.get("divnorm") and r["divnorm"] != "nonorm" else ""
-    return f"{r['mode'].replace('_', ' ')}: {r['model']}{dn}"
+    return f"{r['mode'].replace('_', ' ')}: {r['model']}{dn}, {step_label(r)}"
 
 
 def _save(fig, path: Path) -> None:
@@ -143,8 +143,12 @@ def plot_train_vs_loader(records: list[dict[str, Any]], path: Path) -> Path | No
             edgecolor="black",
             linewidth=0.5,
         )
-        ceiling = best("upper_bound")
-        ax.axhline(ceiling, color="#d62728", linestyle="--", label=f"upper bound {format_ips(ceiling)}/s")
+        bounds = upper_bounds(records, model=model, divnorm=divnorm, device=device)
+        for compiled, style in ((False, "--"), (True, "-")):
+            if compiled in bounds:
+                ips = bounds[compiled]["images_per_second"]
+                name = "compiled" if compiled else "eager"
+                ax.axhline(ips, color="#d62728", linestyle=style, label=f"upper bound, {name}: {format_ips(ips)}/s")
         ax.set_xticks(list(xs))
         ax.set_xticklabels(loaders)
         ax.set_ylabel("images/s (best setting)")

@@ -9,6 +9,11 @@ the best training setting and ``T`` that best training throughput:
   compete for the same resource (CPU cores on a CPU run, host threads on a GPU run); the verdict says so.
 
 ``headroom`` = ``U / T - 1``: how much faster training would run if data were free.
+
+``U`` is the compiled bound wherever one was measured (``--compile on`` or ``auto`` on a GPU): an eager bound is
+1.46x below what the same H200 does for ResNet-50, so judging loaders against it would call a loader fast enough
+that is not. Each verdict also carries the share of that bound every training setting reaches (``shares``) and
+both bounds with their ratio, which results.md sets side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from tools.bench.settings import RESIDENT, resolve_compile
 from train.files import write_json_atomic as write_json
 
 CONTENTION_FRACTION = 0.9  # T below 90 % of U with a fast enough loader: the two compete
@@ -52,21 +58,76 @@ def loader_label(record: dict[str, Any]) -> str:
 
 def describe_setting(record: dict[str, Any]) -> str:
     loader = loader_label(record)
-    return f"{loader}, {record['device']}, workers {record['workers']}, batch {record['batch_size']}"
+    text = f"{loader}, {record['device']}, workers {record['workers']}, batch {record['batch_size']}"
+    return text + compile_suffix(record)
+
+
+def compile_suffix(record: dict[str, Any]) -> str:
+    """``, compiled`` (with a mode other than the default) for a compiled training record, else nothing."""
+    if record.get("mode") == "loader" or not record.get("compile"):
+        return ""
+    mode = record.get("compile_mode")
+    return ", compiled" + (f" ({mode})" if mode and mode != "default" else "")
+
+
+def upper_bounds(records: list[dict[str, Any]], **match: Any) -> dict[bool, dict[str, Any]]:
+    """The best measured upper-bound record per compile setting (False: eager, True: compiled) for ``match``."""
+    found: dict[bool, dict[str, Any]] = {}
+    for record in ok(records, mode="upper_bound", **match):
+        compiled = bool(record.get("compile"))
+        if compiled not in found or record["images_per_second"] > found[compiled]["images_per_second"]:
+            found[compiled] = record
+    return found
+
+
+def ceiling(records: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    """The bound a training setting is judged against: the compiled upper bound when one was measured, else the
+    eager one (None when neither was)."""
+    found = upper_bounds(records, **match)
+    return found.get(True) or found.get(False)
+
+
+def _shares(records: list[dict[str, Any]], trains: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
+    """Each training setting's images/s as a share of the bound at its batch size, best first."""
+    out = []
+    for record in sorted(trains, key=lambda r: -r["images_per_second"]):
+        bound = ceiling(records, batch_size=record["batch_size"], **match)
+        if bound is None:
+            continue
+        out.append(
+            {
+                "setting": describe_setting(record),
+                "compile": bool(record.get("compile")),
+                "images_per_second": record["images_per_second"],
+                "bound_images_per_second": bound["images_per_second"],
+                "bound_compile": bool(bound.get("compile")),
+                "share_percent": round(100.0 * record["images_per_second"] / bound["images_per_second"], 1),
+            }
+        )
+    return out
 
 
 def verdicts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One verdict per (model, divnorm, device) that has an upper bound and at least one training setting."""
+    """One verdict per (model, divnorm, device) that has an upper bound and at least one training setting.
+
+    The best training setting is the fastest of any compile setting; it is judged against the compiled bound
+    at its batch size when one was measured (see the module docstring), else the eager one.
+    """
     out = []
     keys = sorted({(r["model"], r.get("divnorm"), r["device"]) for r in ok(records, mode="upper_bound")}, key=str)
     for model, divnorm, device in keys:
-        best_train = _best(ok(records, mode="train", model=model, divnorm=divnorm, device=device))
+        match = {"model": model, "divnorm": divnorm, "device": device}
+        trains = ok(records, mode="train", **match)
+        best_train = _best(trains)
         if best_train is None:
             continue
         batch = best_train["batch_size"]
-        upper = _best(ok(records, mode="upper_bound", model=model, divnorm=divnorm, device=device, batch_size=batch))
+        bounds = upper_bounds(records, batch_size=batch, **match)
+        upper = bounds.get(True) or bounds.get(False)
         if upper is None:
             continue
+        eager_u = bounds[False]["images_per_second"] if False in bounds else None
+        compiled_u = bounds[True]["images_per_second"] if True in bounds else None
         best_loader = _best(ok(records, mode="loader", device=device, batch_size=batch))
         u, t = upper["images_per_second"], best_train["images_per_second"]
         l_ips = best_loader["images_per_second"] if best_loader else None
@@ -93,12 +154,17 @@ def verdicts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "verdict": bound,
                 "note": note,
                 "upper_bound_images_per_second": u,
+                "upper_bound_compile": bool(upper.get("compile")),
+                "eager_upper_bound_images_per_second": eager_u,
+                "compiled_upper_bound_images_per_second": compiled_u,
+                "compiled_over_eager": round(compiled_u / eager_u, 3) if compiled_u and eager_u else None,
                 "best_train_images_per_second": t,
                 "best_loader_images_per_second": l_ips,
                 "best_loader_setting": describe_setting(best_loader) if best_loader else None,
                 "best_setting": describe_setting(best_train),
                 "best_setting_record": {k: best_train[k] for k in ("loader", "device", "workers", "batch_size")}
-                | {"dali_device": best_train.get("dali_device")},
+                | {"dali_device": best_train.get("dali_device"), "compile": bool(best_train.get("compile"))},
+                "shares": _shares(records, trains, **match),
                 # training measured above its own ceiling is noise between runs, not negative headroom
                 "headroom_percent": round(max(0.0, 100.0 * (u / t - 1.0)), 1) if t > 0 else None,
             }
@@ -108,12 +174,19 @@ def verdicts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def tuned_fragment(records: list[dict[str, Any]], dataset: str) -> dict[str, Any] | None:
     """The best measured setting as the trainer reads it: ``{"loader": ..., "data": {<data keys>}, "benchmark":
-    {<where it came from>}}`` (train mode preferred over loader-only, a GPU over the CPU)."""
+    {<where it came from>}}`` (train mode preferred over loader-only, a GPU over the CPU).
+
+    Training settings are compared under the step the trainer will run by default (``training.compile=auto``:
+    compiled on a GPU, eager on the CPU) when any was measured that way, since a loader fast enough for the eager
+    step can be too slow for the compiled one; otherwise under whatever compile setting was measured.
+    """
     for mode in ("train", "loader"):
         for device in ("gpu", "cpu"):
-            best = _best(
-                [r for r in ok(records, mode=mode, device=device, dataset=dataset) if r["loader"] != "resident"]
-            )
+            candidates = [r for r in ok(records, mode=mode, device=device, dataset=dataset) if r["loader"] != RESIDENT]
+            if mode == "train":
+                as_trainer = [r for r in candidates if bool(r.get("compile")) == resolve_compile("auto", device)]
+                candidates = as_trainer or candidates
+            best = _best(candidates)
             if best is None:
                 continue
             data: dict[str, Any] = {
@@ -130,6 +203,7 @@ def tuned_fragment(records: list[dict[str, Any]], dataset: str) -> dict[str, Any
                 "device": device,
                 "mode": mode,
                 "model": best.get("model"),
+                "compile": best.get("compile"),
                 "resolution": best.get("resolution"),
                 "images_per_second": best["images_per_second"],
             }
@@ -190,7 +264,22 @@ def load_line(records: list[dict[str, Any]], cores: int) -> str:
 
 
 def _setting_row_key(r: dict[str, Any]) -> tuple:
-    return (r["mode"], str(r.get("model")), str(r.get("divnorm")), r["loader"], str(r.get("dali_device")), r["device"])
+    return (
+        r["mode"],
+        str(r.get("model")),
+        str(r.get("divnorm")),
+        bool(r.get("compile")),
+        r["loader"],
+        str(r.get("dali_device")),
+        r["device"],
+    )
+
+
+def step_label(record: dict[str, Any]) -> str:
+    """``compiled`` / ``compiled (max-autotune)`` / ``eager`` for a training record, empty for a loader one."""
+    if record.get("mode") == "loader":
+        return ""
+    return compile_suffix(record).lstrip(", ") or "eager"
 
 
 def pivot_tables(records: list[dict[str, Any]]) -> list[str]:
@@ -199,12 +288,16 @@ def pivot_tables(records: list[dict[str, Any]]) -> list[str]:
     batches = sorted({r["batch_size"] for r in records})
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        groups[(r["mode"], r.get("model"), r.get("divnorm"))].append(r)
+        groups[(r["mode"], r.get("model"), r.get("divnorm"), step_label(r))].append(r)
     order = {"loader": 0, "train": 1, "upper_bound": 2}
-    for (mode, model, divnorm), rows in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), str(kv[0]))):
+    for (mode, model, divnorm, step), rows in sorted(
+        groups.items(), key=lambda kv: (order.get(kv[0][0], 9), str(kv[0]))
+    ):
         title = f"### images/s, mode `{mode}`" + (f", model `{model}`" if model else "")
         if divnorm and mode != "loader":
             title += f", divnorm `{divnorm}`"
+        if step:
+            title += f", {step}"
         lines += [title, "", "| loader | device | workers | " + " | ".join(f"batch {b}" for b in batches) + " |"]
         lines.append("|---|---|---:|" + "---:|" * len(batches))
         cells: dict[tuple, dict[int, str]] = defaultdict(dict)
@@ -221,6 +314,60 @@ def pivot_tables(records: list[dict[str, Any]]) -> list[str]:
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return lines
+
+
+def bound_table(records: list[dict[str, Any]]) -> list[str]:
+    """Eager and compiled upper bounds side by side, per model, DN variant, device and batch size."""
+    keys = sorted(
+        {(r["model"], r.get("divnorm"), r["device"], r["batch_size"]) for r in ok(records, mode="upper_bound")},
+        key=str,
+    )
+    if not keys:
+        return []
+    lines = [
+        "## Upper bound: eager and compiled",
+        "",
+        "The compute-only ceiling (training steps on a fixed batch already on the device) with and without "
+        "`torch.compile`; the verdict judges loaders against the compiled one where it was measured. Compile "
+        "time is warm-up, outside the timed windows.",
+        "",
+        "| model | divnorm | device | batch | eager img/s | compiled img/s | compiled / eager | compile s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for model, divnorm, device, batch in keys:
+        bounds = upper_bounds(records, model=model, divnorm=divnorm, device=device, batch_size=batch)
+        eager, compiled = bounds.get(False), bounds.get(True)
+        ratio = f"{compiled['images_per_second'] / eager['images_per_second']:.2f}x" if eager and compiled else "–"
+        compiled_text = "–"
+        if compiled:
+            compiled_text = format_ips(compiled["images_per_second"])
+            if compiled.get("compile_mode") not in (None, "default"):
+                compiled_text += f" ({compiled['compile_mode']})"
+        lines.append(
+            f"| {model} | {divnorm} | {device} | {batch} | {format_ips(eager and eager['images_per_second'])} | "
+            f"{compiled_text} | {ratio} | {_fmt(compiled and compiled.get('compile_seconds'), 1)} |"
+        )
+    return lines + [""]
+
+
+def share_table(found: list[dict[str, Any]]) -> list[str]:
+    """Every training setting's share of the bound it is judged against (compiled where measured)."""
+    rows = [(v, share) for v in found for share in v.get("shares", [])]
+    if not rows:
+        return []
+    lines = [
+        "### Share of the upper bound per training setting",
+        "",
+        "| model | divnorm | setting | train img/s | bound img/s | bound | share |",
+        "|---|---|---|---:|---:|---|---:|",
+    ]
+    for v, share in rows:
+        bound = "compiled" if share["bound_compile"] else "eager"
+        lines.append(
+            f"| {v['model']} | {v['divnorm']} | {share['setting']} | {format_ips(share['images_per_second'])} | "
+            f"{format_ips(share['bound_images_per_second'])} | {bound} | {_fmt(share['share_percent'], 1)} % |"
+        )
+    return lines + [""]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -256,6 +403,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {c['format']} | {c['status']} | {_fmt(c.get('seconds'), 1)} | `{c['out']}` |")
         lines.append("")
     lines += ["## Images/s per setting", ""] + pivot_tables(records)
+    lines += bound_table(records)
     found = result.get("verdicts", [])
     if found:
         lines += ["## Verdict per model", ""]
@@ -265,13 +413,23 @@ def markdown(result: dict[str, Any]) -> str:
         )
         lines.append("|---|---|---|---|---|---:|---:|---:|---:|")
         for v in found:
+            # verdicts from before the compile axis carry no upper_bound_compile: their bound was eager
+            bound = "compiled" if v.get("upper_bound_compile") else "eager"
             lines.append(
                 f"| {v['model']} | {v['divnorm']} | {v['device']} | **{v['verdict']}** | {v['best_setting']} | "
                 f"{format_ips(v['best_train_images_per_second'])} | {format_ips(v['best_loader_images_per_second'])} | "
-                f"{format_ips(v['upper_bound_images_per_second'])} | {_fmt(v['headroom_percent'], 1)} % |"
+                f"{format_ips(v['upper_bound_images_per_second'])} ({bound}) | {_fmt(v['headroom_percent'], 1)} % |"
             )
-        lines += [""] + [f"- {v['model']} on {v['device']}: {v['verdict']}; {v['note']}." for v in found if v["note"]]
         lines.append("")
+        notes = [f"- {v['model']} on {v['device']}: {v['verdict']}; {v['note']}." for v in found if v["note"]]
+        lines += notes + ([""] if notes else []) + share_table(found)
+    elif any(r["mode"] == "upper_bound" for r in records) and not any(r["mode"] == "train" for r in records):
+        lines += [
+            "## Verdict per model",
+            "",
+            "Upper-bound run: use `--mode both` for verdicts of loader settings against the bounds.",
+            "",
+        ]
     elif any(r["mode"] == "train" for r in records):
         lines += ["## Verdict per model", "", "No verdict: no training setting and upper bound both measured.", ""]
     else:
@@ -291,13 +449,13 @@ def markdown(result: dict[str, Any]) -> str:
         ]
     lines += ["## Details", ""]
     lines.append(
-        "| mode | model | loader | device | workers | batch | img/s | p25–p75 | CPU % | system CPU % "
+        "| mode | model | step | loader | device | workers | batch | img/s | p25–p75 | CPU % | system CPU % "
         "| peak RSS MiB | build s | first batch s | warm-up s | GPU util % | GPU mem MiB |"
     )
-    lines.append("|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(ok(records), key=_setting_row_key):
         loader = loader_label(r)
-        cells = [r["mode"], r.get("model") or "", loader, r["device"], r["workers"], r["batch_size"]]
+        cells = [r["mode"], r.get("model") or "", step_label(r), loader, r["device"], r["workers"], r["batch_size"]]
         cells += [format_ips(r["images_per_second"])]
         cells += [f"{format_ips(r.get('images_per_second_p25'))}–{format_ips(r.get('images_per_second_p75'))}"]
         cells += [_fmt(r.get(k)) for k in ("cpu_percent", "system_cpu_percent", "peak_rss_mib")]
@@ -310,13 +468,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "## Skipped or failed",
             "",
-            "| mode | model | loader | device | workers | batch | status | reason |",
-            "|---|---|---|---|---:|---:|---|---|",
+            "| mode | model | step | loader | device | workers | batch | status | reason |",
+            "|---|---|---|---|---|---:|---:|---|---|",
         ]
         for r in sorted(not_run, key=_setting_row_key):
             reason = str(r.get("reason", "")).replace("|", "\\|").replace("\n", " ")
             lines.append(
-                f"| {r['mode']} | {r.get('model') or ''} | {r['loader']} | {r['device']} | {r['workers']} | "
+                f"| {r['mode']} | {r.get('model') or ''} | {step_label(r)} | {r['loader']} | {r['device']} | "
+                f"{r['workers']} | "
                 f"{r['batch_size']} | {r['status']} | {reason} |"
             )
         lines.append("")

@@ -2,7 +2,9 @@
 
 A record is a plain JSON-ready dict with at least ``loader``, ``device``, ``workers``, ``batch_size``, ``mode``
 (``loader`` | ``train`` | ``upper_bound``), ``model``, ``images_per_second``, ``status`` (``ok`` | ``skipped`` |
-``failed``) and ``reason``, so that other tools can read ``results.json`` without this package.
+``failed``) and ``reason``, so that other tools can read ``results.json`` without this package. Records of the
+training modes also carry ``compile`` (true/false: whether the model ran under ``torch.compile``, already resolved
+from ``auto``) and ``compile_mode`` (the ``torch.compile`` mode when compiled, else null).
 """
 
 from __future__ import annotations
@@ -15,6 +17,29 @@ MODES = ("loader", "train", "upper_bound")
 DEVICES = ("cpu", "gpu")
 # the loader name of the compute-only upper bound: a fixed batch already on the device, no loader at all
 RESIDENT = "resident"
+# --compile values: auto follows the trainer's training.compile=auto (compile on CUDA, eager on the CPU)
+COMPILE_CHOICES = ("auto", "on", "off")
+# --compile-mode values, the trainer's training.compile_mode choices (``default`` = torch.compile's own default)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def resolve_compile(choice: str, device: str) -> bool:
+    """Whether a training setting on ``device`` (``cpu`` | ``gpu``) compiles for the ``--compile`` value ``choice``.
+
+    ``auto`` is the trainer's default: compiled on a GPU (1.46x eager for ResNet-50 on an H200), eager on the CPU
+    (compiling needs a C++ toolchain there and takes longer than a short benchmark runs).
+    """
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"unknown compile setting {choice!r}; choose from {', '.join(COMPILE_CHOICES)}")
+    if choice == "auto":
+        return device == "gpu"
+    return choice == "on"
+
+
+def compile_variants(choices: list[str], device: str) -> list[bool]:
+    """The distinct resolved compile settings of ``choices`` on ``device``, eager first (``auto,on`` on a GPU is
+    one setting, not two)."""
+    return sorted({resolve_compile(choice, device) for choice in choices})
 
 
 @dataclass(frozen=True)
@@ -37,7 +62,8 @@ class Setting:
     warmup_steps: int = 3  # train / upper_bound modes (a CPU training step can take seconds)
     warmup_seconds: float = 2.0
     amp: str = "auto"  # auto (bf16 on CPU, fp16 on GPU) | bf16 | fp16 | off
-    compile: bool = False
+    compile: bool = False  # resolved: torch.compile the model (train / upper_bound modes)
+    compile_mode: str = "default"  # torch.compile mode when compiled: default | reduce-overhead | max-autotune
     divnorm: str = "nonorm"
     options: dict[str, Any] = field(default_factory=dict)  # extra data-section keys (e.g. subset)
     seed: int = 42
@@ -46,7 +72,8 @@ class Setting:
     def label(self) -> str:
         """A short human name: ``dali[cpu] cpu w2 b256``."""
         loader = f"{self.loader}[{self.dali_device}]" if self.dali_device else self.loader
-        return f"{loader} {self.device} w{self.workers} b{self.batch_size}"
+        compiled = " compiled" if self.compile and self.mode != "loader" else ""
+        return f"{loader} {self.device} w{self.workers} b{self.batch_size}{compiled}"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +97,7 @@ def make_record(setting: Setting, status: str, reason: str = "", **measured: Any
         "dali_device": setting.dali_device,
         "amp": setting.amp if setting.mode != "loader" else None,
         "compile": setting.compile if setting.mode != "loader" else None,
+        "compile_mode": setting.compile_mode if setting.mode != "loader" and setting.compile else None,
         "divnorm": setting.divnorm if setting.mode != "loader" else None,
         "options": dict(setting.options),  # the extra data keys it ran with (--option), e.g. dali_decode
         "images_per_second": None,
@@ -92,22 +120,30 @@ def build_matrix(
     divnorms: list[str],
     dali_devices: list[str],
     common: dict[str, Any],
+    compiles: list[str] | None = None,
 ) -> list[Setting]:
     """Every setting in run order: per device and batch size the upper bound first, then each loader.
 
-    ``modes`` holds ``loader`` and/or ``train``; ``train`` brings the ``upper_bound`` of each model with it.
-    The ``gpu`` (tensor-resident) loader has no workers, so it runs once per device and batch size
-    (``workers`` 0) instead of once per worker count; ``dali`` runs once per ``dali_devices`` entry.
+    ``modes`` holds ``loader``, ``train`` and/or ``upper_bound``; ``train`` brings the ``upper_bound`` of each
+    model with it, ``upper_bound`` alone measures only the bounds (no loader at all). The ``gpu``
+    (tensor-resident) loader has no workers, so it runs once per device and batch size (``workers`` 0) instead
+    of once per worker count; ``dali`` runs once per ``dali_devices`` entry. ``compiles`` (``auto`` | ``on`` |
+    ``off`` values, default ``["auto"]``) is an axis of the training modes like the batch sizes: each value is
+    resolved per device (:func:`resolve_compile`) and every distinct result is its own setting.
     """
-    variants = [(model, divnorm) for model in models for divnorm in divnorms]
+    bounds = "train" in modes or "upper_bound" in modes
     settings: list[Setting] = []
     for device, batch_size in itertools.product(devices, batch_sizes):
-        if "train" in modes:
-            for model, divnorm in variants:
-                settings.append(
-                    Setting(dataset, RESIDENT, device, 0, batch_size, "upper_bound", model, divnorm=divnorm, **common)
-                )
-        for loader in loaders:
+        variants = [
+            {"model": model, "divnorm": divnorm, "compile": compiled}
+            for model in models
+            for divnorm in divnorms
+            for compiled in compile_variants(compiles or ["auto"], device)
+        ]
+        if bounds:
+            for variant in variants:
+                settings.append(Setting(dataset, RESIDENT, device, 0, batch_size, "upper_bound", **variant, **common))
+        for loader in loaders if "loader" in modes or "train" in modes else []:
             worker_counts = [0] if loader == "gpu" else workers
             dali_variants = dali_devices if loader == "dali" else [None]
             for count, dali_device in itertools.product(worker_counts, dali_variants):
@@ -115,8 +151,6 @@ def build_matrix(
                 if "loader" in modes:
                     settings.append(Setting(dataset, loader, device, count, batch_size, "loader", **base))
                 if "train" in modes:
-                    for model, divnorm in variants:
-                        settings.append(
-                            Setting(dataset, loader, device, count, batch_size, "train", model, divnorm=divnorm, **base)
-                        )
+                    for variant in variants:
+                        settings.append(Setting(dataset, loader, device, count, batch_size, "train", **variant, **base))
     return settings
