@@ -8,6 +8,7 @@ Run folder ``<logging.runs_dir>/<exp>/`` (rank 0 writes, every file atomically):
   of the best validation top-1;
 * ``conv1.pt``      the first convolution's filters: ``{"initial", "best", "final"}``;
 * ``summary.json``  ``val`` / ``test`` ``{"top1", "top5", "loss"}``, ``images_per_second``, ``wall_seconds``, ...
+* ``events.out.tfevents.*`` TensorBoard logs (``logging.tensorboard``, see :mod:`train.tensorboard`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from train.files import write_json_atomic as write_json
 from train.loop import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from train.metrics import MetricsLog, progress_bar_factory
 from train.schedule import LrSchedule, build_optimizer
+from train.tensorboard import EVENT_FILE_GLOB, TensorBoardLog
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -209,6 +211,8 @@ def _run(
         write_json(folder / "config.json", {**config, "run": meta})
         if config["checkpoint"]["save_conv1"]:
             ckpt.save_conv1(folder / "conv1.pt", conv1)
+    board = TensorBoardLog(folder, config, enabled=main, start_epoch=book["epoch"], log=say)
+    board.log_config(config)
     say(
         f"{request.dataset} / {request.model} / loader {loader_name} / {device} x{env.world_size} / "
         f"amp {training['amp']} / {len(train_loader)} steps per epoch / run folder {folder}"
@@ -251,6 +255,7 @@ def _run(
             if val_metrics is not None:
                 record_line["val"] = _rounded(val_metrics)
             metrics_log.append(record_line)
+            board.log_epoch(record_line, net)
             _save(folder, config, net, optimizer, scaler, schedule, state, book, conv1, improved, val_metrics, env)
         else:
             _save(folder, config, net, optimizer, scaler, schedule, state, book, conv1, False, None, env)
@@ -261,6 +266,8 @@ def _run(
             break
 
     summary = _finish(request, env, device, state, net, folder, book, conv1, loader_name, stop_reason, make, say)
+    board.log_test(summary)
+    board.close()
     if record is not None:
         _write_record(folder, record, net, env)
     return summary
@@ -280,6 +287,8 @@ def _check_folder(request: RunRequest, folder: Path, last_path: Path) -> bool | 
             )
         for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "conv1.pt", "samples.pt"):
             (folder / name).unlink(missing_ok=True)
+        for path in [*folder.glob(EVENT_FILE_GLOB), *folder.glob("eval-*.json")]:  # old TensorBoard / evaluate
+            path.unlink()
     return None
 
 
