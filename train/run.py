@@ -74,19 +74,28 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return AMP_DTYPES.get(amp)
 
 
+def network_shape(dataset: str, config: dict[str, Any]) -> dict[str, int]:
+    """``{"num_classes", "layout"}`` of the run's network: ``layout`` is ``create_model``'s ``image_size``
+    (32 = the small-input layout for inputs up to 64 px, else 224). Recorded in config.json's ``run`` section so
+    ``models.load_pretrained`` can rebuild the network without knowing the data sets."""
+    from loaders.datasets import dataset_info
+
+    info = dataset_info(dataset)
+    image_size = config["data"]["image_size"] or info.image_size
+    return {"num_classes": info.num_classes, "layout": 32 if image_size <= 64 else 224}
+
+
 def build_network(request: RunRequest) -> nn.Module:
     """``models.create_model`` with the config's model section (imported here: train depends on models)."""
     import models
-    from loaders.datasets import dataset_info
 
-    info = dataset_info(request.dataset)
-    image_size = request.config["data"]["image_size"] or info.image_size
+    shape = network_shape(request.dataset, request.config)
     try:
         return models.create_model(
             request.model,
-            num_classes=info.num_classes,
+            num_classes=shape["num_classes"],
             model_config=request.config["model"],
-            image_size=32 if image_size <= 64 else 224,
+            image_size=shape["layout"],
         )
     except (KeyError, ValueError) as error:
         raise ConfigError(f"model config: {error}") from None
@@ -208,6 +217,7 @@ def _run(
     if main:
         metrics_log.truncate_after(book["epoch"])
         meta = {"dataset": request.dataset, "model": request.model, "exp": request.exp, "loader": loader_name}
+        meta.update(network_shape(request.dataset, config))  # for models.load_pretrained(run folder)
         write_json(folder / "config.json", {**config, "run": meta})
         if config["checkpoint"]["save_conv1"]:
             ckpt.save_conv1(folder / "conv1.pt", conv1)
