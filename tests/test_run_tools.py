@@ -123,6 +123,26 @@ def test_overwrite_removes_old_events_and_switch_off(tmp_path):
     assert (folder / "summary.json").is_file()
 
 
+def test_tensorboard_resume_hides_events_past_the_checkpoint(tmp_path):
+    """An interrupted run logged epochs 1-2 but checkpointed after 1: the resumed writer's epoch 2 replaces the old
+    one in what TensorBoard shows (its own reader, the one the server uses)."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    config = {"logging": {"tensorboard": True}}
+    first = TensorBoardLog(tmp_path, config)
+    first.log_epoch({"epoch": 1, "train": {"loss": 3.0}})
+    first.log_epoch({"epoch": 2, "train": {"loss": 2.0}})
+    first.close()
+    resumed = TensorBoardLog(tmp_path, config, start_epoch=1)
+    resumed.log_epoch({"epoch": 2, "train": {"loss": 1.5}})
+    resumed.close()
+    board = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    board.Reload()
+    loss = [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in board.Tensors("train/loss")]
+    assert loss == [(1, 3.0), (2, 1.5)]
+
+
 def test_tensorboard_missing_package_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
     said = []

@@ -76,8 +76,10 @@ class TensorBoardLog:
         except ImportError:
             log("logging.tensorboard: no tensorboard package (pip install tensorboard); writing no event files")
             return
-        # purge_step: a resumed run hides the events an interrupted one wrote after its last checkpoint
-        self.writer = SummaryWriter(str(folder), purge_step=start_epoch + 1 if start_epoch else None)
+        # purge_step writes a session-start marker at that step; TensorBoard takes every marker after the folder's
+        # first as a restart and hides the older events from that step on: what an interrupted run logged past its
+        # last checkpoint. A fresh run writes one too, or a resumed run's marker would count as the first.
+        self.writer = SummaryWriter(str(folder), purge_step=start_epoch + 1)
 
     @property
     def enabled(self) -> bool:
