@@ -46,19 +46,28 @@ def amp_name(dtype: torch.dtype | None) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "off")
 
 
-def build_network(dataset: str, model: str, config: dict[str, Any]) -> nn.Module:
-    """``models.create_model`` with the config's model section (imported here: train depends on models)."""
-    import models
+def network_shape(dataset: str, config: dict[str, Any]) -> dict[str, int]:
+    """``{"num_classes", "layout"}`` of the run's network: ``layout`` is ``create_model``'s ``image_size``
+    (32 = the small-input layout for inputs up to 64 px, else 224). Recorded in config.json's ``run`` section so
+    ``models.load_pretrained`` can rebuild the network without knowing the data sets."""
     from loaders.datasets import dataset_info
 
     info = dataset_info(dataset)
     image_size = config["data"]["image_size"] or info.image_size
+    return {"num_classes": info.num_classes, "layout": 32 if image_size <= 64 else 224}
+
+
+def build_network(dataset: str, model: str, config: dict[str, Any]) -> nn.Module:
+    """``models.create_model`` with the config's model section (imported here: train depends on models)."""
+    import models
+
+    shape = network_shape(dataset, config)
     try:
         return models.create_model(
             model,
-            num_classes=info.num_classes,
+            num_classes=shape["num_classes"],
             model_config=config["model"],
-            image_size=32 if image_size <= 64 else 224,
+            image_size=shape["layout"],
         )
     except (KeyError, ValueError) as error:
         raise ConfigError(f"model config: {error}") from None

@@ -12,6 +12,7 @@ so in the log.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -124,6 +125,19 @@ def loader_spec(
         download=download,
         options=dict(data),
     )
+
+
+# evaluation batch of the tensor-resident loader on a GPU when data.eval_batch_size is unset: no gradients are kept,
+# so a large batch costs little memory and makes evaluation a small share of an epoch
+RESIDENT_EVAL_BATCH = 1024
+
+
+def with_evaluation_batch(spec: LoaderSpec, loader_name: str, config: Mapping[str, Any]) -> LoaderSpec:
+    """``spec`` with the evaluation batch the trainer uses: at least :data:`RESIDENT_EVAL_BATCH` for the ``gpu``
+    loader on CUDA unless ``data.eval_batch_size`` is set; other specs unchanged."""
+    if spec.train or loader_name != "gpu" or spec.device.type != "cuda" or config["data"]["eval_batch_size"]:
+        return spec
+    return dataclasses.replace(spec, batch_size=max(spec.batch_size, RESIDENT_EVAL_BATCH))
 
 
 def build_split_loader(name: str, spec: LoaderSpec) -> Loader:

@@ -10,6 +10,7 @@ Run folder ``<logging.runs_dir>/<exp>/`` (rank 0 writes, every file atomically):
 * ``conv1.pt``      the first convolution's filters: ``{"initial", "best", "final"}``;
 * ``summary.json``  ``val`` / ``test`` ``{"top1", "top5", "loss"}``, ``images_per_second``, ``wall_seconds``,
   ``compile`` ...
+* ``events.out.tfevents.*`` TensorBoard logs (``logging.tensorboard``, see :mod:`train.tensorboard`).
 
 :class:`Run` holds the run's parts and walks its steps, each a screen or less: :meth:`Run.prepare` (folder,
 loaders, network, optimizer, compile), :meth:`Run.restore` (``--resume``), :meth:`Run.begin` (files written at
@@ -19,7 +20,6 @@ the start), :meth:`Run.train` -> :meth:`Run.epoch` (train, validate, book-keep, 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -32,23 +32,21 @@ from torch import nn
 
 from train import checkpoint as ckpt
 from train import distributed
-from train.build import amp_name, build_network, resolve_amp, resolve_device, split_cpu_threads
+from train.build import amp_name, build_network, network_shape, resolve_amp, resolve_device, split_cpu_threads
 from train.compiled import CompileGuard, resolve_compile
 from train.config import ConfigError
-from train.data import build_split_loader, loader_spec, resolve_loader_name
+from train.data import build_split_loader, loader_spec, resolve_loader_name, with_evaluation_batch
 from train.files import write_json_atomic as write_json
 from train.graphed import GraphedSteps, graphs_blocker, train_one_epoch_graphed
 from train.loop import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from train.metrics import MetricsLog, progress_bar_factory
 from train.schedule import LrSchedule, build_optimizer
+from train.tensorboard import EVENT_FILE_GLOB, TensorBoardLog
 
 __all__ = ["Run", "RunRequest", "build_network", "resolve_amp", "resolve_device", "run"]
 
 # files of a run that --overwrite removes before starting again
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "conv1.pt", "samples.pt")
-# evaluation batch of the tensor-resident loader on a GPU when data.eval_batch_size is unset: no gradients are kept,
-# so a large batch costs little memory and makes evaluation a small share of an epoch
-RESIDENT_EVAL_BATCH = 1024
 
 
 @dataclass
@@ -114,8 +112,12 @@ class Run:
         if checkpoint:
             self.restore(checkpoint)
         self.begin()
-        stop_reason = self.train()
-        summary = self.finish(stop_reason)
+        try:
+            stop_reason = self.train()
+            summary = self.finish(stop_reason)
+            self.board.log_test(summary)
+        finally:
+            self.board.close()
         if self.record is not None:
             self._write_record()
         return summary
@@ -220,14 +222,7 @@ class Run:
             env.world_size,
             request.download,
         )
-        if (
-            not train
-            and self.loader_name == "gpu"
-            and self.device.type == "cuda"
-            and not self.config["data"]["eval_batch_size"]
-        ):
-            spec = dataclasses.replace(spec, batch_size=max(spec.batch_size, RESIDENT_EVAL_BATCH))
-        return build_split_loader(self.loader_name, spec)
+        return build_split_loader(self.loader_name, with_evaluation_batch(spec, self.loader_name, self.config))
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from ``last.pt``: weights, optimizer, scaler, schedule, step, bookkeeping, RNG streams."""
@@ -258,9 +253,14 @@ class Run:
         if self.env.is_main:
             self.metrics_log.truncate_after(self.book["epoch"])
             meta = {"dataset": request.dataset, "model": request.model, "exp": request.exp, "loader": self.loader_name}
+            meta.update(network_shape(request.dataset, self.config))  # for models.load_pretrained(run folder)
             write_json(self.folder / "config.json", {**self.config, "run": meta})
             if self.config["checkpoint"]["save_conv1"]:
                 ckpt.save_conv1(self.folder / "conv1.pt", self.conv1)
+        self.board = TensorBoardLog(
+            self.folder, self.config, enabled=self.env.is_main, start_epoch=self.book["epoch"], log=self.say
+        )
+        self.board.log_config(self.config)
         compiled = f"compile {self.compiler.mode}" if self.compiler.enabled else "eager"
         compiled += " + cuda graphs" if self.graphed is not None else ""
         self.say(
@@ -320,6 +320,7 @@ class Run:
             if val_metrics is not None:
                 line["val"] = _rounded(val_metrics)
             self.metrics_log.append(line)
+            self.board.log_epoch(line, self.net)
         self.save(improved, val_metrics)
         self.say(_epoch_line(epoch + 1, epochs, train_metrics, val_metrics))
         if training["early_stop"] and book["bad_epochs"] >= int(training["patience"]):
@@ -431,6 +432,8 @@ def _check_folder(request: RunRequest, folder: Path, last_path: Path) -> bool | 
             )
         for name in RUN_FILES:
             (folder / name).unlink(missing_ok=True)
+        for path in [*folder.glob(EVENT_FILE_GLOB), *folder.glob("eval-*.json")]:  # old TensorBoard / evaluate
+            path.unlink()
     return None
 
 
