@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1 or (args.subset is not None and args.subset < 1) or not 1 <= args.jpeg_quality <= 100:
         raise ConvertError("--workers and --subset must be >= 1 and --jpeg-quality within 1..100")
     # one writer per --out: a second conversion (a resubmitted job) would overwrite this one's .tmp files
-    with exclusive_lock(args.out, "conversion"):
+    with exclusive_lock(args.out, f"conversion into {args.out}"):
         return _convert(args, formats)
 
 

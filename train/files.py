@@ -51,7 +51,7 @@ def exclusive_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) 
     and host (written into the lock file after the lock is taken). The kernel drops the lock when its holder
     dies, however it dies, so a lock left by a killed process never blocks: the file stays, the lock does not.
     The file is not removed on release: unlinking it would let a waiting process lock a deleted inode while a
-    third one locks a fresh file. ``what`` names the holder in the message ("conversion", "training run").
+    third one locks a fresh file. ``what`` names the holder in the message ("conversion into /data/out").
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,8 +63,8 @@ def exclusive_lock(folder: str | os.PathLike, what: str, name: str = LOCK_NAME) 
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown (it is starting)"
             raise OutputLockedError(
-                f"{folder} is in use by another {what} ({holder}; lock file {path}); wait for it to finish or stop "
-                "it, or write somewhere else"
+                f"another {what} is running ({holder}; lock file {path}); wait for it to finish or stop it, or "
+                "write somewhere else"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
