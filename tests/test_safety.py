@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -77,8 +78,6 @@ def test_reader_refuses_code_and_names_the_file(tmp_path):
         assert str(tmp_path / name) in message and "\n" not in message and "nothing in this file was run" in message
         assert ("io.open" in message) if name == "a.pt" else ("posix.system" in message or "os.system" in message)
     # a plain pickle (not a torch zip), a truncated file, a directory: one line each, no code run
-    import pickle
-
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"model": OpensAFile(marker)}))
     (tmp_path / "cut.pt").write_bytes((tmp_path / "a.pt").read_bytes()[:64])
     for path in (tmp_path / "plain.pkl", tmp_path / "cut.pt", tmp_path):
@@ -227,3 +226,38 @@ def test_training_refuses_a_locked_run_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")  # torchrun's other ranks do not lock: rank 0 is the one writer
     with run_folder_lock(runs / "busy"), run_folder_lock(runs / "busy"):
         pass
+
+
+# ------------------------------------------------------------------------------------------- CIFAR-100 files
+
+
+def test_cifar_files_are_read_as_data_only(tmp_path):
+    """CIFAR-100's python files are pickles: they load with only NumPy's array rebuild allowed (both NumPy
+    spellings, protocols 2 and 4), and a planted one is refused naming the file, its code never run."""
+    from loaders import LoaderError
+    from loaders.datasets import CIFAR_FOLDER, cifar100_arrays, cifar100_class_names, read_cifar_pickle
+
+    folder = tmp_path / CIFAR_FOLDER
+    folder.mkdir()
+    images = np.random.default_rng(0).integers(0, 256, (5, 3072), dtype=np.uint8)
+    test = {"data": images, "fine_labels": [3, 1, 4, 1, 5], "filenames": ["a.png"] * 5, "batch_label": "testing"}
+    numpy1 = pickle.dumps(test, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray" in numpy1  # as the official files (written with NumPy 1) name it
+    (folder / "test").write_bytes(numpy1)
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}, protocol=4))
+    got, labels = cifar100_arrays("test", tmp_path)
+    assert np.array_equal(got, images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)) and labels.tolist() == [
+        3,
+        1,
+        4,
+        1,
+        5,
+    ]
+    assert cifar100_class_names(tmp_path)[:2] == ["c0", "c1"]
+    (folder / "test").write_bytes(pickle.dumps({"data": OpensAFile(tmp_path / "pwned"), "fine_labels": []}))
+    with pytest.raises(LoaderError, match=r"refused .*test: loading it would call io\.open"):
+        cifar100_arrays("test", tmp_path)
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": RunsAShellCommand(tmp_path / "pwned")}))
+    with pytest.raises(LoaderError, match="refused"):
+        read_cifar_pickle(folder / "meta")
+    assert not (tmp_path / "pwned").exists()
