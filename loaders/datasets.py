@@ -152,10 +152,7 @@ def cifar100_arrays(
     path = root / CIFAR_FOLDER / official
     if not path.is_file():
         raise LoaderError(cifar100_missing_message(root))
-    import pickle
-
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+    entry = read_cifar_pickle(path)
     images = np.asarray(entry["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     labels = np.asarray(entry["fine_labels"], np.int64)
     if split != "test":
@@ -166,13 +163,50 @@ def cifar100_arrays(
 
 
 def cifar100_class_names(root: str | os.PathLike | None) -> list[str]:
-    import pickle
-
     path = Path(root or "data") / CIFAR_FOLDER / "meta"
     if not path.is_file():
         return [str(i) for i in range(100)]
-    with open(path, "rb") as f:
-        return list(pickle.load(f, encoding="latin1")["fine_label_names"])
+    return list(read_cifar_pickle(path)["fine_label_names"])
+
+
+# What the CIFAR-100 python files need beyond plain data: NumPy's array rebuild (NumPy 1 and 2 spellings), and
+# _codecs.encode, which a protocol-2 pickle written by Python 3 uses for bytes. These build an array from a dtype,
+# a shape and raw bytes, or bytes from a string, and run no other code.
+_CIFAR_GLOBALS = {
+    ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+def read_cifar_pickle(path: str | os.PathLike) -> dict:
+    """A CIFAR-100 python file (a pickle) read with only NumPy's array rebuild allowed: a file that asks for any
+    other callable (a planted or foreign pickle would run it) is a :class:`LoaderError` and nothing in it runs."""
+    import pickle
+
+    class DataOnly(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) not in _CIFAR_GLOBALS:
+                raise LoaderError(
+                    f"refused {path}: loading it would call {module}.{name}, which the CIFAR-100 files never need; "
+                    "nothing in it was run. Replace the folder with the official files (--download)"
+                )
+            if module == "numpy.core.multiarray":  # NumPy 1's name for what NumPy 2 keeps in numpy._core
+                module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+            return super().find_class(module, name)
+
+    try:
+        with open(path, "rb") as f:
+            entry = DataOnly(f, encoding="latin1").load()
+    except LoaderError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign file: one line naming it
+        raise LoaderError(f"{path} is not a readable CIFAR-100 file ({type(error).__name__}: {error})") from None
+    if not isinstance(entry, dict):
+        raise LoaderError(f"{path} is not a CIFAR-100 file (it holds a {type(entry).__name__}, not a dict)")
+    return entry
 
 
 def array_dataset(

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from loaders.arrays import load_split_arrays, subset_size
@@ -66,8 +66,10 @@ class ImageFileSamples(Dataset):
             with Image.open(path) as file:
                 image = to_rgb(file)
                 image.load()
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            raise LoaderError(f"{_IMAGE_ERROR} {path}: {error}; remove or replace the file") from None
+        except Exception as error:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, struct.error,
+            # DecompressionBombError (a forged 60000 x 60000 header), ... on bad files: each is this file's fault
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise LoaderError(f"{_IMAGE_ERROR} {path}: {reason}; remove or replace the file") from None
         return self.transform(image, sample_rng(self.seed, epoch, index)), self.labels[index]
 
 

@@ -87,6 +87,17 @@ def test_run_folder_contents(straight_run):
     assert torch.equal(first.float(), conv1["final"])
 
 
+def test_every_checkpoint_loads_with_weights_only(straight_run):
+    """last.pt, best.pt and conv1.pt hold only tensors and plain data: plain torch.load(weights_only=True) reads
+    them, RNG states included (see docs/safety.md)."""
+    for name in ("last.pt", "best.pt", "conv1.pt"):
+        state = torch.load(straight_run / name, map_location="cpu", weights_only=True)
+        assert isinstance(state, dict) and state, name
+    rng = torch.load(straight_run / "last.pt", weights_only=True)["rng"][0]
+    assert rng["python"]["state"].dtype == torch.int64 and rng["python"]["state"].shape == (625,)
+    assert rng["numpy"]["keys"].shape == (624,) and rng["torch"].dtype == torch.uint8
+
+
 def test_resume_gives_identical_weights(straight_run, tmp_path):
     # no best.pt (~230 MB each) where a test does not read it: CI machines have little disk
     assert train(tmp_path, "split", "checkpoint.save_best=false", epochs=1) == 0

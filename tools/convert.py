@@ -7,7 +7,8 @@
 
 Output layout (what ``loaders/`` reads): ``OUT/ffcv/<split>.beton`` and ``OUT/dali/<split>/shard-NNNNN.tar`` +
 ``.idx`` (ImageNet) or ``OUT/dali/<split>/images.npy`` + ``labels.npy`` (CIFAR-100, synthetic), one
-``manifest.json`` per format folder, written last. Every file appears under a ``.tmp`` name first; rerunning the
+``manifest.json`` per format folder, written last; ``OUT/.lock`` keeps a second conversion into ``OUT`` out (it
+stops at once, naming the first one's pid). Every file appears under a ``.tmp`` name first; rerunning the
 same command after an interruption keeps every finished shard whose checksum still matches and writes the rest.
 See ``tools/_convert/`` for the parts: image rules in ``images.py``, shard format in ``dali_writer.py``, the
 watched FFCV writer in ``ffcv_writer.py``.
@@ -36,6 +37,7 @@ from tools._convert.images import stored_pixels
 from tools._convert.pool import decode_files
 from tools._convert.sources import ConvertError, SplitSource, load_sources
 from tools._convert.verify import verify_format
+from train.files import OutputLockedError, exclusive_lock
 
 FFCV_DEFAULT_MAX_RES = 512
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -211,6 +213,13 @@ def run(args: argparse.Namespace) -> int:
     formats = ["ffcv", "dali"] if args.format in (None, "both") else [args.format]
     if args.workers < 1 or (args.subset is not None and args.subset < 1) or not 1 <= args.jpeg_quality <= 100:
         raise ConvertError("--workers and --subset must be >= 1 and --jpeg-quality within 1..100")
+    # one writer per --out: a second conversion (a resubmitted job) would overwrite this one's .tmp files
+    with exclusive_lock(args.out, f"conversion into {args.out}"):
+        return _convert(args, formats)
+
+
+def _convert(args: argparse.Namespace, formats: list[str]) -> int:
+    """Convert every split into ``args.out`` (the caller holds its lock); then verify when asked."""
     if "ffcv" in formats:  # fail fast when FFCV is missing or broken; its import is start-up, not conversion
         begun = time.monotonic()
         import_writer()
@@ -261,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return run(args)
-    except ConvertError as error:
+    except (ConvertError, OutputLockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # disk full, permission denied, ...: one line, not a traceback

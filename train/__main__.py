@@ -7,8 +7,10 @@ with a divisive-normalization AlexNet, a few minutes on two CPU cores, results i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -144,31 +146,34 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(config, indent=2))
             return 0
         from loaders.base import LoaderError
-        from train.checkpoint import CheckpointWriteError
+        from train.checkpoint import CheckpointError, CheckpointWriteError
+        from train.files import OutputLockedError
         from train.run import RunRequest, run
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     runs = max(int(config["runs"]), 1)
     try:
-        for index in range(runs):
-            run_config = copy.deepcopy(config)
-            run_exp = exp
-            if runs > 1:  # the original's "runs": repeats with seeds seed, seed+1, ... in runs/<exp>/run<i>/
-                run_config["seed"] = config["seed"] + index
-                run_exp = f"{exp}/run{index}"
-            request = RunRequest(
-                dataset,
-                model,
-                run_exp,
-                run_config,
-                resume=args.resume,
-                overwrite=overwrite,
-                download=args.download,
-                start_time=started if index == 0 else time.perf_counter(),
-            )
-            run(request)
-    except (ConfigError, LoaderError) as error:
+        # one process per run folder; a second one stops here, naming the first one's pid
+        with run_folder_lock(Path(config["logging"]["runs_dir"]) / exp):
+            for index in range(runs):
+                run_config = copy.deepcopy(config)
+                run_exp = exp
+                if runs > 1:  # the original's "runs": repeats with seeds seed, seed+1, ... in runs/<exp>/run<i>/
+                    run_config["seed"] = config["seed"] + index
+                    run_exp = f"{exp}/run{index}"
+                request = RunRequest(
+                    dataset,
+                    model,
+                    run_exp,
+                    run_config,
+                    resume=args.resume,
+                    overwrite=overwrite,
+                    download=args.download,
+                    start_time=started if index == 0 else time.perf_counter(),
+                )
+                run(request)
+    except (ConfigError, LoaderError, CheckpointError, OutputLockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except CheckpointWriteError as error:  # the machine's fault, not the command's: exit 1
@@ -178,6 +183,22 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: the run folder holds the last completed epoch; continue with --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def run_folder_lock(folder: Path) -> contextlib.AbstractContextManager:
+    """One training per run folder: an exclusive lock on ``<runs_dir>/.<exp>.lock`` beside ``folder``.
+
+    Only the process with ``RANK`` 0 (torchrun's global rank; a plain run is rank 0) takes it: rank 0 is the only
+    writer, and with a run folder on a file system shared by several nodes a per-node lock would make the nodes
+    of one job refuse each other. A second job's rank 0 fails at once; torchrun then stops that job's other ranks.
+    The lock file sits beside the run folder, not in it, so a fresh run still finds its folder empty and
+    ``--overwrite`` and ``python -m train.report`` never meet it.
+    """
+    from train.files import exclusive_lock
+
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        return contextlib.nullcontext()
+    return exclusive_lock(folder.parent, f"training of {folder}", name=f".{folder.name}.lock")
 
 
 if __name__ == "__main__":

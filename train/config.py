@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,54 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "distributed.backend": ("auto", "nccl", "gloo"),
     "model.divnorm_specs.kernel": ("auto", "triton", "torch"),  # divnorm.ops.KERNEL_CHOICES
 }
+
+# Numeric keys with a valid range (low, high), both inclusive, None = unbounded: a value outside is a ConfigError,
+# not a traceback from inside torch (SGD's "Invalid learning rate", cross_entropy's label_smoothing check) or a
+# silent misuse. Every number must also be finite (JSON overrides accept NaN and Infinity).
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "runs": (1, None),
+    "data.batch_size": (1, None),
+    "data.eval_batch_size": (1, None),
+    "data.workers": (0, None),
+    "data.subset": (1, None),
+    "data.image_size": (1, None),
+    "data.val_resize": (1, None),
+    "data.prefetch": (1, None),
+    "data.dali_threads": (1, None),
+    "data.hw_decoder_load": (0, 1),
+    "data.batches_ahead": (1, None),
+    "data.ffcv_timeout": (0, None),
+    "data.progressive_start_res": (1, None),
+    "data.progressive_end_res": (1, None),
+    "data.progressive_start_epoch": (0, None),
+    "data.progressive_end_epoch": (0, None),
+    "training.epochs": (0, None),
+    "training.patience": (0, None),
+    "training.label_smoothing": (0, 1),
+    "training.grad_clip": (0, None),
+    "training.eval_every": (1, None),
+    "optimizer.lr": (0, None),
+    "optimizer.momentum": (0, None),
+    "optimizer.dampening": (0, None),
+    "optimizer.weight_decay": (0, None),
+    "optimizer.beta1": (0, 1),  # below 1: see BELOW_HIGH
+    "optimizer.beta2": (0, 1),
+    "optimizer.eps": (0, None),
+    "lr_scheduler.step_size": (1, None),
+    "lr_scheduler.gamma": (0, None),
+    "lr_scheduler.patience": (0, None),
+    "lr_scheduler.factor": (0, None),
+    "lr_scheduler.t_max": (0, None),
+    "lr_scheduler.min_lr": (0, None),
+    "lr_scheduler.pct_start": (0, 1),
+    "lr_scheduler.warmup_epochs": (0, None),
+    "lr_scheduler.warmup_start_factor": (0, None),
+    "logging.refresh_steps": (1, None),
+    "distributed.base_batch_size": (1, None),
+}
+
+# Keys whose range excludes its upper end (Adam's betas must stay below 1).
+BELOW_HIGH = frozenset({"optimizer.beta1", "optimizer.beta2"})
 
 # The original code's names for keys this project renamed (and old value spellings): still accepted.
 KEY_ALIASES = {"data.bz": "data.batch_size", "data.num_workers": "data.workers"}
@@ -171,7 +220,28 @@ def check_value(key: str, value: Any, default: Any, source: str = "override") ->
     if key in CHOICES and value not in CHOICES[key]:
         choices = ", ".join(c if isinstance(c, str) else json.dumps(c) for c in CHOICES[key])
         raise ConfigError(f"{key}={value!r} ({source}) is not valid; choose one of: {choices}")
+    _check_range(key, value, source)
     return value
+
+
+def _check_range(key: str, value: Any, source: str) -> None:
+    """Numbers are finite and within :data:`RANGES` (lists: every element finite)."""
+    numbers = value if isinstance(value, list) else [value]
+    for number in numbers:
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ConfigError(f"{key}={json.dumps(value)} ({source}) is not a finite number")
+    low, high = RANGES.get(key, (None, None))
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    below = key in BELOW_HIGH
+    if (low is not None and value < low) or (high is not None and (value >= high if below else value > high)):
+        if high is None:
+            wanted = f">= {low}"
+        elif below:
+            wanted = f">= {low} and < {high}"
+        else:
+            wanted = f"within {low}..{high}"
+        raise ConfigError(f"{key}={json.dumps(value)} ({source}) is out of range: expected a value {wanted}")
 
 
 def _set(config: dict[str, Any], schema: Mapping[str, Any], key: str, value: Any, source: str) -> None:

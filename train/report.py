@@ -5,7 +5,8 @@ Writes ``report.md`` + PNGs, one self-contained ``report.html`` (PNGs embedded a
 difference from it. Sections: results table, training curves, conv1 filters (initial / best / final),
 activation sparsity (Gini index, fraction of zeros) before and after each DN position on a fixed validation
 batch, and histograms of the learned DN parameters. A run still going (no ``summary.json``) is reported from
-what exists and marked ``running``. Exit codes: 0 done, 2 bad input (missing or foreign run folder).
+what exists and marked ``running``. Exit codes: 0 done, 2 bad input (missing or foreign run folder, or a
+checkpoint refused because loading it would run code: checkpoints are read with ``weights_only=True`` only).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from train.checkpoint import CheckpointError
 from train.files import write_text_atomic
 from train.report_analysis import ReportError, RunData, finite, read_run
 
@@ -181,6 +183,8 @@ def build_report(folders: list[str], out: Path, batch_size: int = 64, log=print)
             images = analysis.fixed_batch(run, batch_size)
             rows_s = analysis.activation_sparsity(net, images)
             params = analysis.dn_parameters(net)
+        except CheckpointError:  # a refused (unsafe or unreadable) checkpoint stops the report: see main()
+            raise
         except Exception as error:  # one run's analysis failing must not lose the rest of the report
             run.notes.append(f"no sparsity / DN parameters: {type(error).__name__}: {error}")
             continue
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         build_report(args.runs, Path(args.out), args.batch)
-    except ReportError as error:
+    except (ReportError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -149,7 +149,7 @@ def decode(data: bytes, max_res: int | None = None, pixels: bool = True) -> Deco
 
 def _plain_frame(data: bytes, adobe_transform) -> bool:
     """Whether the JPEG's frame is one DALI decodes like Pillow: baseline / extended / progressive Huffman, 8-bit,
-    1 (gray) or 3 (YCbCr, not RGB-coded) components."""
+    1 (gray) or 3 (YCbCr, not RGB-coded) components, behind a well-formed header (:func:`jpeg_header_clean`)."""
     frame = jpeg_frame(data)
     return (
         frame is not None
@@ -157,7 +157,43 @@ def _plain_frame(data: bytes, adobe_transform) -> bool:
         and frame[1] == 8
         and frame[2] in (1, 3)
         and not (frame[2] == 3 and adobe_transform == 0)  # RGB-coded (not YCbCr) 3-channel JPEG
+        and jpeg_header_clean(data)
     )
+
+
+# segments that may precede the first scan of a JPEG DALI reads: frames, DHT, DQT, DRI, APPn, COM
+_HEADER_MARKERS = _PLAIN_SOF | {0xC4, 0xDB, 0xDD, 0xFE} | frozenset(range(0xE0, 0xF0))
+
+
+def jpeg_header_clean(data: bytes) -> bool:
+    """Whether every segment from SOI to the first SOS is a known marker with an in-bounds length, one frame.
+
+    libjpeg (inside Pillow) skips garbage between segments with a warning ("extraneous bytes before marker"), so
+    a file with a damaged marker can decode in Pillow and still stop DALI's stricter JPEG parser ("Invalid
+    marker"), failing the whole training pipeline. Such a file is not stored as is but re-encoded from Pillow's
+    pixels (found by tests/test_fuzz.py: one flipped bit turned a DHT marker's 0xFF into 0xFE).
+    """
+    if data[:2] != b"\xff\xd8":
+        return False
+    i, n, frames = 2, len(data), 0
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker (allowed by the standard)
+            i += 1
+            continue
+        if marker == 0xDA:
+            length = int.from_bytes(data[i + 2 : i + 4], "big")
+            return frames == 1 and length >= 2 and i + 2 + length <= n
+        if marker not in _HEADER_MARKERS:
+            return False
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if length < 2 or i + 2 + length > n:
+            return False
+        frames += marker in _PLAIN_SOF
+        i += 2 + length
+    return False
 
 
 def encode_jpeg(image: Image.Image, quality: int) -> bytes:
