@@ -159,7 +159,7 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[StudyRun]]:
 
 def _start(run: StudyRun, stream: bool, threads: int | None) -> None:
     run.log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # epoch lines as they happen, not when a pipe buffer fills
     if threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(threads))
     # appended (an interrupted run's earlier output stays); closed by _finish, which outlives this function
