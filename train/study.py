@@ -60,6 +60,7 @@ class StudyRun:
     result: str = "pending"  # pending | skipped | finished | failed
     seconds: float | None = None
     returncode: int | None = None
+    epochs: int = 0  # planned epochs per run
     process: Any = field(default=None, repr=False)
     log_file: Any = field(default=None, repr=False)
     started: float = 0.0
@@ -142,11 +143,13 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[StudyRun]]:
     root = Path(config["logging"]["runs_dir"]) / name
     runs = []
     for seed in range(first_seed, first_seed + args.seeds):
-        for variant, (grid, _config) in variants.items():
+        for variant, (grid, variant_config) in variants.items():
             exp = f"{name}/{variant}/seed{seed}"
             arguments = [args.dataset, args.model, exp, *common, *grid, f"seed={seed}"]
             log_path = root / "logs" / f"{variant}-seed{seed}.log"
-            runs.append(StudyRun(variant, seed, exp, root / variant / f"seed{seed}", log_path, arguments))
+            folder = root / variant / f"seed{seed}"
+            epochs = int(variant_config["training"]["epochs"])
+            runs.append(StudyRun(variant, seed, exp, folder, log_path, arguments, epochs=epochs))
     for run in runs:
         if (run.folder / "summary.json").is_file():
             run.state = "done"
@@ -265,6 +268,13 @@ def write_study_json(
     return record
 
 
+def _planned_epochs(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / "summary.json").read_text())["epochs_planned"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _summary_lines(groups: list[dict[str, Any]]) -> list[str]:
     from train.report_groups import format_stat
 
@@ -292,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{shlex.join(run.command())}  {note.get(run.state, '')}".rstrip())
         print(f"# then: python -m train.report <the {len(runs)} run folders> --group-seeds --out {root / 'report'}")
         return 0
+    for run in runs:
+        if run.state == "done":
+            planned = _planned_epochs(run.folder)
+            if planned is not None and planned != run.epochs:
+                print(f"study: note: {run.exp} finished with {planned} epochs planned, not {run.epochs}: kept as is "
+                      "(another --name trains the study afresh)")  # fmt: skip
     waiting = sum(run.state != "done" for run in runs)
     print(f"study: {len(runs)} runs in {root} ({len(runs) - waiting} finished already), {args.parallel} at a time")
     try:
