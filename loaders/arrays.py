@@ -70,7 +70,9 @@ def load_split_arrays(spec: LoaderSpec, mmap: bool = False) -> tuple[np.ndarray,
             f"{Path(spec.data_dir)}/dali/{spec.split}/images.npy; write it with tools/convert.py {spec.dataset}"
         )
     elif info.in_memory:
-        images, labels = array_dataset(spec.dataset, spec.split, spec.data_dir, spec.download, spec.seed)
+        images, labels = array_dataset(
+            spec.dataset, spec.split, spec.data_dir, spec.download, spec.seed, spec.option("synthetic_size")
+        )
     else:
         raise LoaderError(
             f"{spec.dataset} has no in-memory arrays: convert it with tools/convert.py or use an ImageFolder loader"

@@ -5,7 +5,8 @@ the files live, and the class map. Nothing here depends on a loader backend.
 
 * ``synthetic``: built in, procedurally generated and deterministic (no download), CIFAR-100-shaped
   (100 classes of 32x32 RGB) and learnable: every class is a random colour grating pattern, every sample a
-  randomly shifted, contrast-jittered, noisy copy of it.
+  randomly shifted, contrast-jittered, noisy copy of it. 20,000 / 2,000 / 2,000 samples, or sized with
+  ``data.synthetic_size=N`` (N training samples, N/4 in val and test: 40000 gives CIFAR-100's split sizes).
 * ``cifar100``: torchvision's CIFAR-100 files under ``<root>/cifar-100-python``; ``train`` / ``val`` are a seeded
   80/20 split of the official training set (as the original), ``test`` is the official test set.
 * ``imagenet``: ImageFolder trees ``<root>/train/<wnid>/*`` and ``<root>/val/<wnid>/*``; class index = position
@@ -63,6 +64,8 @@ def check_split(split: str) -> None:
 # ----------------------------------------------------------------------------------------------- synthetic
 
 SYNTHETIC_SIZES = {"train": 20_000, "val": 2_000, "test": 2_000}
+# CIFAR-100's train / val / test proportions (40,000 / 10,000 / 10,000 after the 80/20 split)
+CIFAR100_EVAL_FRACTION = 0.25
 SYNTHETIC_SEED = 20_251_125
 _SPLIT_OFFSET = {"train": 1, "val": 2, "test": 3}
 
@@ -209,12 +212,30 @@ def read_cifar_pickle(path: str | os.PathLike) -> dict:
     return entry
 
 
+def synthetic_split_size(split: str, train_size: int | None = None) -> int:
+    """Samples in the synthetic set's ``split``: the built-in 20,000 / 2,000 / 2,000 when ``train_size`` is None,
+    else ``train_size`` training samples and a quarter of that in val and in test, CIFAR-100's proportions
+    (``data.synthetic_size=40000`` gives CIFAR-100's 40,000 / 10,000 / 10,000)."""
+    check_split(split)
+    if train_size is None:
+        return SYNTHETIC_SIZES[split]
+    if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
+        raise LoaderError(f"data.synthetic_size must be a positive integer or null, got {train_size!r}")
+    return train_size if split == "train" else max(1, round(train_size * CIFAR100_EVAL_FRACTION))
+
+
 def array_dataset(
-    name: str, split: str, root: str | os.PathLike | None = None, download: bool = False, seed: int = 42
+    name: str,
+    split: str,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    seed: int = 42,
+    synthetic_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Uint8 HWC arrays of an in-memory data set (``synthetic`` or ``cifar100``)."""
+    """Uint8 HWC arrays of an in-memory data set (``synthetic`` or ``cifar100``); ``synthetic_size`` sizes the
+    synthetic set (see :func:`synthetic_split_size`), CIFAR-100 has its own sizes."""
     if name == "synthetic":
-        return synthetic_arrays(split)
+        return synthetic_arrays(split, synthetic_split_size(split, synthetic_size))
     if name == "cifar100":
         return cifar100_arrays(split, root, download=download, seed=seed)
     raise LoaderError(f"{name!r} is not an in-memory data set (synthetic, cifar100)")

@@ -184,3 +184,53 @@ def test_bad_folder_is_clear_error(tmp_path, capsys, kind):
     err = capsys.readouterr().err
     assert str(folder) in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- seed groups
+
+
+def _config(dn: str = "ours", seed: int = 42, exp: str = "a", runs_dir: str = "runs") -> dict:
+    return {
+        "seed": seed,
+        "model": {"batchnorm": True, "divnorm_specs": {"type": dn, "p": 0.5}},
+        "data": {"loader": "gpu"},
+        "logging": {"runs_dir": runs_dir},
+        "run": {"exp": exp, "dataset": "synthetic", "model": "alexnet"},
+    }
+
+
+def test_groups_differ_only_in_seed():
+    from train.report_groups import group_indices
+
+    configs = [
+        _config("nonorm", 42, "s/nonorm/seed42"),
+        _config("ours", 42, "s/ours/seed42"),
+        _config("nonorm", 43, "s/nonorm/seed43", runs_dir="elsewhere"),  # where the files go changes no number
+        _config("ours", 43, "s/ours/seed43"),
+        _config("ken", 42, "s/ken/seed42"),
+    ]
+    assert group_indices(configs) == [[0, 2], [1, 3], [4]]
+    lr = _config("ours", 44, "s/ours/seed44")
+    lr["model"]["divnorm_specs"]["p"] = 1.0  # any other key: another group
+    assert group_indices([configs[1], lr]) == [[0], [1]]
+
+
+def test_group_name_and_stats():
+    from train.report_groups import format_stat, group_name, mean_std
+
+    assert group_name(["s/ours-bn/seed42", "s/ours-bn/seed43"]) == "s/ours-bn"
+    assert group_name(["ours/run0", "ours/run1"]) == "ours"
+    assert group_name(["a", "b", "c"]) == "a (+2)"
+    stat = mean_std([10.0, 12.0, 17.0, None, float("nan")])  # missing values are left out of n
+    assert stat["n"] == 3 and stat["mean"] == pytest.approx(13.0)
+    assert stat["std"] == pytest.approx(math.sqrt(((10 - 13) ** 2 + (12 - 13) ** 2 + (17 - 13) ** 2) / 2))
+    assert mean_std([5.0]) == {"mean": 5.0, "std": None, "n": 1}
+    assert format_stat(stat) == "13.00 ± 3.61 (3)" and format_stat(mean_std([5.0])) == "5.00 (1)"
+    assert format_stat(mean_std([])) == "-"
+
+
+@pytest.mark.timeout(300)
+def test_no_groups_when_no_seed_repeats(two_runs):
+    _root, out = two_runs
+    assert "groups" not in json.loads((out / "report.json").read_text())
+    assert "Results by group" not in (out / "report.md").read_text()

@@ -28,6 +28,7 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "data.path": (str,),
     "data.eval_batch_size": (int,),
     "data.subset": (int,),
+    "data.synthetic_size": (int,),
     "data.image_size": (int,),
     "data.dali_threads": (int,),
     "data.tuned_path": (str,),

@@ -5,7 +5,10 @@ Writes ``report.md`` + PNGs, one self-contained ``report.html`` (PNGs embedded a
 difference from it. Sections: results table, training curves, conv1 filters (initial / best / final),
 activation sparsity (Gini index, fraction of zeros) before and after each DN position on a fixed validation
 batch, and histograms of the learned DN parameters. A run still going (no ``summary.json``) is reported from
-what exists and marked ``running``. Exit codes: 0 done, 2 bad input (missing or foreign run folder, or a
+what exists and marked ``running``. Runs that differ only in seed (``--group-seeds``, on by default when some do)
+are also reported as groups: one row per group with mean +- sample std (n) of val / test top-1, top-5, loss and the
+Gini sparsity, mean curves and mean sparsity per group (:mod:`train.report_groups`); ``report.json`` then has
+``groups`` with the numbers and member runs. Exit codes: 0 done, 2 bad input (missing or foreign run folder, or a
 checkpoint refused because loading it would run code: checkpoints are read with ``weights_only=True`` only).
 """
 
@@ -20,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from train import report_groups as groups
 from train.checkpoint import CheckpointError
 from train.files import write_text_atomic
 from train.report_analysis import ReportError, RunData, finite, read_run
@@ -142,8 +146,14 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
 
 
-def build_report(folders: list[str], out: Path, batch_size: int = 64, log=print) -> dict[str, Any]:
-    """Read the runs, compute, plot, and write report.md / report.html / report.json under ``out``."""
+def build_report(
+    folders: list[str], out: Path, batch_size: int = 64, log=print, group_seeds: bool | None = None
+) -> dict[str, Any]:
+    """Read the runs, compute, plot, and write report.md / report.html / report.json under ``out``.
+
+    ``group_seeds``: report runs that differ only in seed as one group (mean +- sample std over the seeds; see
+    :mod:`train.report_groups`); ``None`` = when some runs do (several runs share a config apart from seed).
+    """
     from train import report_analysis as analysis
     from train import report_plots as plots
 
@@ -151,33 +161,15 @@ def build_report(folders: list[str], out: Path, batch_size: int = 64, log=print)
     out.mkdir(parents=True, exist_ok=True)
     rows = [table_row(run) for run in runs]
     names = _unique([_slug(r.name) for r in runs])
-    md = [f"# Run report: {', '.join(r.name for r in runs)}", "", f"Baseline: **{runs[0].name}** (the first run).", ""]
-    md += ["## Results", ""] + markdown_table(rows) + [""]
-    md += [
-        "Top-1/top-5 in %; val = best validation epoch, test = best weights on the test split; images/s = training"
-        " throughput; running runs: last epoch of metrics.jsonl, wall = epoch time only.",
-        "",
-    ]
+    indices = groups.group_indices([run.config for run in runs])
+    grouped = any(len(members) > 1 for members in indices) if group_seeds is None else group_seeds
+    # grouped: filters and DN parameter histograms of each group's first run only (its seeds look alike)
+    shown = {members[0] for members in indices} if grouped else set(range(len(runs)))
 
-    md += [
-        "## Training curves",
-        "",
-        f"![curves]({plots.curves([(r.name, r.metrics) for r in runs], out / 'curves.png').name})",
-        "",
-    ]
-
-    md += ["## conv1 filters (initial / best / final)", ""]
-    for run, slug in zip(runs, names, strict=True):
-        weights = analysis.conv1_weights(run)
-        if weights:
-            png = plots.filter_grid(weights, f"{run.name}: conv1 filters", out / f"conv1_{slug}.png")
-            md += [f"![conv1 {run.name}]({png.name})", ""]
-        else:
-            md += [f"{run.name}: no conv1 filters saved.", ""]
-
-    sparsity_runs, param_sections = [], []
+    sparsity: dict[int, list[analysis.LayerSparsity]] = {}
+    param_sections: list[str] = []
     analysis_rows: dict[str, Any] = {}
-    for run, slug in zip(runs, names, strict=True):
+    for index, (run, slug) in enumerate(zip(runs, names, strict=True)):
         try:
             net, source = analysis.build_model(run)
             images = analysis.fixed_batch(run, batch_size)
@@ -189,19 +181,73 @@ def build_report(folders: list[str], out: Path, batch_size: int = 64, log=print)
             run.notes.append(f"no sparsity / DN parameters: {type(error).__name__}: {error}")
             continue
         run.notes.append(f"sparsity and DN parameters from {source} on the first {len(images)} validation images")
-        sparsity_runs.append((run.name, rows_s))
+        sparsity[index] = rows_s
         analysis_rows[run.name] = {
             "source": source,
             "batch": len(images),
             "layers": [vars(r) for r in rows_s],
             "dn_parameters": params,
         }
+        if index not in shown:
+            continue
         if params:
             png = plots.dn_histograms(run.name, params, out / f"dn_params_{slug}.png")
             param_sections += [f"![DN parameters {run.name}]({png.name})", ""]
         else:
             param_sections += [f"{run.name}: no learned DN parameters (nonorm or fixed baseline layer).", ""]
 
+    group_rows = [groups.group_row([rows[i] for i in members], analysis_rows) for members in indices]
+    md = [f"# Run report: {', '.join(r.name for r in runs)}", ""]
+    if grouped:
+        md = [f"# Run report: {', '.join(g['group'] for g in group_rows)}", ""]
+        md += [f"Baseline: **{group_rows[0]['group']}** (the first group).", ""]
+        md += ["## Results by group (runs that differ only in seed)", ""] + groups.markdown_group_table(group_rows)
+        md += [
+            "",
+            "Each cell: mean ± sample standard deviation (number of runs) over the group's seeds. Gini = the"
+            " Gini index after each DN position on a fixed validation batch, mean over positions, then over seeds.",
+            "",
+            "## All runs",
+            "",
+        ]
+    else:
+        md += [f"Baseline: **{runs[0].name}** (the first run).", "", "## Results", ""]
+    md += markdown_table(rows) + [""]
+    md += [
+        "Top-1/top-5 in %; val = best validation epoch, test = best weights on the test split; images/s = training"
+        " throughput; running runs: last epoch of metrics.jsonl, wall = epoch time only.",
+        "",
+    ]
+
+    if grouped:  # one mean curve per group: 18 runs' curves on one axis would be unreadable
+        curves = [
+            (g["group"], groups.mean_curves([runs[i].metrics for i in m]))
+            for g, m in zip(group_rows, indices, strict=True)
+        ]
+        title = "## Training curves (mean over each group's runs)"
+    else:
+        curves, title = [(r.name, r.metrics) for r in runs], "## Training curves"
+    md += [title, "", f"![curves]({plots.curves(curves, out / 'curves.png').name})", ""]
+
+    md += ["## conv1 filters (initial / best / final)" + (" of each group's first run" if grouped else ""), ""]
+    for index, (run, slug) in enumerate(zip(runs, names, strict=True)):
+        if index not in shown:
+            continue
+        weights = analysis.conv1_weights(run)
+        if weights:
+            png = plots.filter_grid(weights, f"{run.name}: conv1 filters", out / f"conv1_{slug}.png")
+            md += [f"![conv1 {run.name}]({png.name})", ""]
+        else:
+            md += [f"{run.name}: no conv1 filters saved.", ""]
+
+    if grouped:
+        sparsity_runs = []
+        for g, members in zip(group_rows, indices, strict=True):
+            measured = [sparsity[i] for i in members if i in sparsity]
+            if measured:
+                sparsity_runs.append((f"{g['group']} (mean of {len(measured)})", groups.mean_sparsity(measured)))
+    else:
+        sparsity_runs = [(runs[i].name, rows_s) for i, rows_s in sparsity.items()]
     md += ["## Activation sparsity (before / after each DN position)", ""]
     if sparsity_runs:
         md += [f"![sparsity]({plots.sparsity(sparsity_runs, out / 'sparsity.png').name})", ""]
@@ -220,7 +266,7 @@ def build_report(folders: list[str], out: Path, batch_size: int = 64, log=print)
             md += [""]
     else:
         md += ["No run could be analysed (see notes).", ""]
-    md += ["## Learned DN parameters", ""] + param_sections
+    md += ["## Learned DN parameters" + (" of each group's first run" if grouped else ""), ""] + param_sections
     notes = [f"- {run.name}: {note}" for run in runs for note in run.notes]
     if notes:
         md += ["## Notes", ""] + notes + [""]
@@ -229,8 +275,11 @@ def build_report(folders: list[str], out: Path, batch_size: int = 64, log=print)
     write_text_atomic(out / "report.md", text)
     write_text_atomic(out / "report.html", to_html(text, out))
     result = {"runs": rows, "analysis": analysis_rows, "notes": {r.name: r.notes for r in runs}}
+    if grouped:
+        result["groups"] = group_rows
     write_text_atomic(out / "report.json", json.dumps(result, indent=2, default=str))
-    log(f"report: {out / 'report.md'}, {out / 'report.html'} ({len(runs)} runs)")
+    what = f"{len(runs)} runs" + (f" in {len(group_rows)} groups" if grouped else "")
+    log(f"report: {out / 'report.md'}, {out / 'report.html'} ({what})")
     return result
 
 
@@ -288,12 +337,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch", type=int, default=64, metavar="N", help="validation images in the fixed sparsity batch (default 64)"
     )
+    parser.add_argument(
+        "--group-seeds",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one row per group of runs that differ only in seed (mean ± sample std); default: on when several "
+        "runs share a config apart from seed and experiment name",
+    )
     args = parser.parse_args(argv)
     if args.batch < 1:
         print("error: --batch must be >= 1", file=sys.stderr)
         return 2
     try:
-        build_report(args.runs, Path(args.out), args.batch)
+        build_report(args.runs, Path(args.out), args.batch, group_seeds=args.group_seeds)
     except (ReportError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
