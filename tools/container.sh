@@ -15,7 +15,7 @@
 # http://deb.debian.org/debian), DIVNORM_STORAGE_DRIVER (default: containers/storage picks one: overlay where the
 # kernel allows it, else vfs, and whatever an existing store already uses). Images live in buildah's default store
 # (/var/lib/containers/storage as root); see docs/container.md. On vfs every build step is a full copy of the
-# image (about 10 GB each here): a first build then needs 60+ GB free, against about 25 GB on overlay.
+# image (about 10 GB each here): a first build then needs 60+ GB free, against under 10 GB on overlay.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,13 +35,14 @@ need() {
   local missing=() t
   for t in "$@"; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
   if [ ${#missing[@]} -gt 0 ]; then
-    die "missing ${missing[*]}: install with: apt-get install -y ${missing[*]} (as root)"
+    die "missing ${missing[*]}: install with: apt-get update && apt-get install -y ${missing[*]} (as root)"
   fi
 }
 buildah_() { buildah "${DRIVER_ARGS[@]}" "$@"; }
 image_exists() { buildah_ inspect --type image "$1" >/dev/null 2>&1; }
 image_size() { buildah_ images --format '{{.Size}}' "$1" 2>/dev/null | head -n 1; }
-store() { buildah_ info --format '{{.store.GraphRoot}}, {{.store.GraphDriverName}} driver' 2>/dev/null || echo /var/lib/containers/storage; }
+store_root() { buildah_ info --format '{{.store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers/storage; }
+store() { echo "$(store_root), $(buildah_ info --format '{{.store.GraphDriverName}}' 2>/dev/null) driver"; }
 
 step_base() {
   need buildah podman debootstrap
@@ -75,7 +76,7 @@ step_build() {
   python3 tools/container_pip.py "$tmp"
   while IFS= read -r m; do mounts+=(-v "$m"); done <"$tmp/mounts"
   say "build: buildah bud --layers $IMAGE from $BASE (unchanged layers are reused; a first build installs torch,"
-  say "       the CUDA libraries, DALI and FFCV: tens of minutes on 2 cores)"
+  say "       the CUDA libraries, DALI and FFCV: 8-10 minutes on the 2-core build machine, ~10 GB)"
   # pip warns once per package that a local index lacks (harmless: it then looks in the next index); dropped here
   buildah_ bud --layers --isolation chroot --pull=never --build-arg BASE_IMAGE="$BASE" "${mounts[@]}" \
     -t "$IMAGE" -f Dockerfile . 2>&1 | grep -v "^WARNING: Location 'file://.*' is ignored: it is neither a file nor a directory"
@@ -127,7 +128,7 @@ step_clean() {
   # the cached intermediate layers of `build --layers` are untagged images once the tagged one is gone
   say "clean: pruning untagged images (the cached build layers)"
   buildah_ rmi --prune >/dev/null 2>&1 || true
-  say "clean: done; $(store) now holds $(du -sh "$(store)" 2>/dev/null | cut -f1)"
+  say "clean: done; $(store_root) now holds $(du -sh "$(store_root)" 2>/dev/null | cut -f1)"
 }
 
 case "${1:-}" in
