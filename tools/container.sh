@@ -62,7 +62,8 @@ step_base() {
   fi
   rm -rf "$tmp/rootfs/var/cache/apt/archives/"*.deb "$tmp/rootfs/var/lib/apt/lists/"*
   say "base: importing the root file system as $BASE (podman import; store: $(store))"
-  tar -C "$tmp/rootfs" -c . | podman "${DRIVER_ARGS[@]}" import --quiet --change 'CMD ["/bin/bash"]' - "$BASE" >/dev/null
+  tar -C "$tmp/rootfs" -c . \
+    | podman "${DRIVER_ARGS[@]}" import --quiet --change 'CMD ["/bin/bash"]' - "$BASE" >/dev/null
   say "base: $BASE ready ($(image_size "$BASE"))"
 }
 
@@ -79,7 +80,7 @@ step_build() {
   say "       the CUDA libraries, DALI and FFCV: 8-10 minutes on the 2-core build machine, ~10 GB)"
   # pip warns once per package that a local index lacks (harmless: it then looks in the next index); dropped here
   buildah_ bud --layers --isolation chroot --pull=never --build-arg BASE_IMAGE="$BASE" "${mounts[@]}" \
-    -t "$IMAGE" -f Dockerfile . 2>&1 | grep -v "^WARNING: Location 'file://.*' is ignored: it is neither a file nor a directory"
+    -t "$IMAGE" -f Dockerfile . 2>&1 | grep -v "^WARNING: Location 'file://.*' is ignored: it is neither a file nor a dir"
   say "build: $IMAGE ready ($(image_size "$IMAGE"); store: $(store))"
 }
 
