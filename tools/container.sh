@@ -80,7 +80,7 @@ step_build() {
   say "       the CUDA libraries, DALI and FFCV: 8-10 minutes on the 2-core build machine, ~10 GB)"
   # pip warns once per package that a local index lacks (harmless: it then looks in the next index); dropped here
   buildah_ bud --layers --isolation chroot --pull=never --build-arg BASE_IMAGE="$BASE" "${mounts[@]}" \
-    -t "$IMAGE" -f Dockerfile . 2>&1 | grep -v "^WARNING: Location 'file://.*' is ignored: it is neither a file nor a dir"
+    -t "$IMAGE" -f Dockerfile . 2>&1 | grep -v "^WARNING: Location 'file://.*' is ignored: it is neither a file"
   say "build: $IMAGE ready ($(image_size "$IMAGE"); store: $(store))"
 }
 
