@@ -231,6 +231,10 @@ def _check_range(key: str, value: Any, source: str) -> None:
     for number in numbers:
         if isinstance(number, float) and not math.isfinite(number):
             raise ConfigError(f"{key}={json.dumps(value)} ({source}) is not a finite number")
+        # JSON integers are unbounded; torch's C++ side takes 64-bit ones (found by the config fuzz: dampening=1e30
+        # as an integer overflowed inside SGD)
+        if isinstance(number, int) and not isinstance(number, bool) and abs(number) >= 2**63:
+            raise ConfigError(f"{key}={json.dumps(value)} ({source}) is too large: integers must fit in 64 bits")
     low, high = RANGES.get(key, (None, None))
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
