@@ -150,7 +150,10 @@ class TensorLoader(Loader):
         spec, device = self.spec, self.spec.device
         order = shard_indices(self.dataset_size, spec, self.epoch)[: self.num_samples].to(device, non_blocking=True)
         generator = self._generator()
-        for start in range(0, self.num_samples, spec.batch_size):
+        first = self.take_start_batch() * spec.batch_size
+        for _ in range(0, first, spec.batch_size):  # a resumed epoch: replay the skipped batches' draws only
+            draw_crop_flip(spec.batch_size, generator, augment=self.augment, device=device)
+        for start in range(first, self.num_samples, spec.batch_size):
             with batch_threads(device):
                 indices = order[start : start + spec.batch_size]
                 offsets, flips = draw_crop_flip(len(indices), generator, augment=self.augment, device=device)
