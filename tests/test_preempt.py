@@ -62,7 +62,8 @@ def _installed(loader: str) -> bool:
 
 def _train(root, exp: str, loader: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "train", "synthetic", MODEL, exp, *SMALL, f"logging.runs_dir={root}",
-           f"data.path={root.parent / 'data'}", "--epochs", "2", "--loader", loader, "--device", "cpu", *extra]  # fmt: skip
+           f"data.path={root.parent / 'data'}", "--epochs", "2", "--loader", loader, "--device", "cpu",
+           *extra]  # fmt: skip
     # one thread: on a busy 2-core machine this is ~5x faster than two, and as deterministic
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=240)
