@@ -252,8 +252,18 @@ class DaliLoader(Loader):
 
             with warnings.catch_warnings():  # "DALI doesn't capture state of such 'source'": the plan is ours
                 warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
-                self._pipe = build_pipeline(self.config, self._feeder, checkpoint=self._restore)
-                self._pipe.build()
+                try:
+                    self._pipe = build_pipeline(self.config, self._feeder, checkpoint=self._restore)
+                    self._pipe.build()
+                except (RuntimeError, ValueError) as error:
+                    if self._restore is None:
+                        raise
+                    self._pipe = None
+                    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                    raise LoaderError(
+                        "cannot continue the DALI pipeline from the checkpoint's state (saved with other data.dali_* "
+                        f"settings or another DALI version?): {first}; resume with the settings it was saved with"
+                    ) from None
             self._restore = None
             self._needs_reset = False
         return self._pipe
