@@ -18,6 +18,13 @@ Sample counts are exact and identical for every backend (see :func:`shard_indice
 ``len(loader)`` is the number of batches per epoch on this rank, ``loader.num_samples`` the number of samples
 per epoch on this rank, ``set_epoch(e)`` selects the epoch's shuffle. Backend objects (DALI iterators, FFCV
 loaders, DataLoader workers) never leave the loader.
+
+Resuming inside an epoch (a preempted run, see docs/preemption.md): ``set_epoch(e, start_batch=k)`` makes the next
+iteration yield batches ``k, k + 1, ...`` of epoch ``e``, the very batches (samples, order and augmentation) an
+iteration from the start would yield there, without decoding the first ``k``. Where a backend's augmentation
+draws from a stream that lives in the backend (DALI's operator RNGs), ``state_dict()`` returns that stream's
+position after the last batch handed out and ``load_state_dict`` puts a new loader there; backends whose
+randomness is a function of (seed, epoch, sample) return ``{}``.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ class Loader(ABC):
         self.spec = spec
         self.dataset_size = dataset_size
         self.epoch = 0
+        self.start_batch = 0
 
     @property
     def batch_size(self) -> int:
@@ -92,9 +100,25 @@ class Loader(ABC):
     def __len__(self) -> int:
         return batches_per_epoch(self.dataset_size, self.spec)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the shuffle of ``epoch`` (call before iterating)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the shuffle of ``epoch`` (call before iterating); the next iteration starts at batch
+        ``start_batch`` of it (0: the whole epoch; later iterations start at 0 again unless set anew)."""
+        if not 0 <= int(start_batch) <= len(self):
+            raise LoaderError(f"start_batch {start_batch} is outside the epoch's {len(self)} batches")
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+
+    def take_start_batch(self) -> int:
+        """The batch the iteration starting now begins at (consumed: the one after begins at 0)."""
+        start, self.start_batch = self.start_batch, 0
+        return start
+
+    def state_dict(self) -> dict[str, Any]:
+        """Backend stream state after the last batch handed out (``{}``: nothing beyond seed, epoch, batch)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Continue the backend's streams from :meth:`state_dict` of an earlier loader (before iterating)."""
 
     @abstractmethod
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...

@@ -19,6 +19,12 @@ How it keeps the loader contract exactly:
 * **Epochs.** The pipeline is built once; the source raises ``StopIteration`` at the end of the epoch's plan
   and the pipeline is ``reset()`` before the next one. An epoch left early (``break``) is drained (at most
   ``prefetch`` batches) so the next epoch starts clean.
+* **Resuming inside an epoch.** ``set_epoch(e, start_batch=k)`` feeds the plan from batch ``k`` on (nothing before
+  it is read or decoded). The augmentation draws come from DALI's per-operator RNGs, whose position depends on how
+  many batches the pipeline has produced since it was built, so training pipelines are built with
+  ``enable_checkpointing``: :meth:`DaliLoader.state_dict` holds DALI's own checkpoint of those RNGs after the last
+  batch handed out (prefetched batches not counted) and :meth:`DaliLoader.load_state_dict` builds the pipeline
+  from it, which continues the streams exactly (at epoch boundaries as well as inside an epoch).
 * **Output.** ``crop_mirror_normalize`` writes fp16 (``spec.dtype`` float16 or bfloat16) or fp32 in NHWC; torch
   receives it through DLPack (zero-copy: the dynamic executor keeps the buffer alive while torch holds it) and
   ``permute(0, 3, 1, 2)`` makes it an NCHW channels-last view without a copy. DALI has no bfloat16 output, so
@@ -40,8 +46,10 @@ from the torch backend's); evaluation always antialiases.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -226,6 +234,7 @@ class DaliLoader(Loader):
         self._pipe = None
         self._needs_reset = False
         self._active: Iterator | None = None
+        self._restore: bytes | None = None  # a DALI checkpoint the next pipeline is built from
 
     # ------------------------------------------------------------------------------------------ epochs
 
@@ -241,10 +250,41 @@ class DaliLoader(Loader):
         if self._pipe is None:
             from loaders.dali_pipelines import build_pipeline
 
-            self._pipe = build_pipeline(self.config, self._feeder)
-            self._pipe.build()
+            with warnings.catch_warnings():  # "DALI doesn't capture state of such 'source'": the plan is ours
+                warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
+                try:
+                    self._pipe = build_pipeline(self.config, self._feeder, checkpoint=self._restore)
+                    self._pipe.build()
+                except (RuntimeError, ValueError) as error:
+                    if self._restore is None:
+                        raise
+                    self._pipe = None
+                    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                    raise LoaderError(
+                        "cannot continue the DALI pipeline from the checkpoint's state (saved with other data.dali_* "
+                        f"settings or another DALI version?): {first}; resume with the settings it was saved with"
+                    ) from None
+            self._restore = None
             self._needs_reset = False
         return self._pipe
+
+    def state_dict(self) -> dict[str, Any]:
+        """DALI's checkpoint of the training pipeline's RNGs after the last batch handed out (``{}`` for
+        evaluation pipelines, which draw nothing)."""
+        if not self.config.train:
+            return {}
+        if self._pipe is not None:
+            return {"dali_checkpoint": self._pipe.checkpoint()}
+        return {"dali_checkpoint": self._restore} if self._restore is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Build the next pipeline from ``state["dali_checkpoint"]`` (same config and DALI version)."""
+        checkpoint = state.get("dali_checkpoint")
+        if checkpoint is None or not self.config.train:
+            return
+        if self._active is not None:
+            self._active.close()
+        self._pipe, self._restore = None, bytes(checkpoint)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._active is not None:
@@ -253,7 +293,7 @@ class DaliLoader(Loader):
         return self._active
 
     def _run_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        plan = self.epoch_plan(epoch)
+        plan = self.epoch_plan(epoch)[self.take_start_batch() :]
         self._feeder.start(plan)
         pipe = self._pipeline()
         if self._needs_reset:

@@ -195,11 +195,13 @@ def _array_graph(images, config: PipelineConfig):
     return _normalize(images, config, mirror=mirror)
 
 
-def build_pipeline(config: PipelineConfig, source: Callable[[], tuple]) -> Pipeline:
+def build_pipeline(config: PipelineConfig, source: Callable[[], tuple], checkpoint: bytes | None = None) -> Pipeline:
     """Define (not build) the DALI pipeline of ``config``; ``source()`` returns one batch ``(data, labels)``.
 
     ``source`` raises ``StopIteration`` at the end of an epoch; the loader resets the pipeline before the
-    next one. Outputs: images (``config.layout``), labels int64 (one scalar per sample).
+    next one. Outputs: images (``config.layout``), labels int64 (one scalar per sample). Training pipelines
+    track their RNG states (``enable_checkpointing``; DALI: no cost) so that a resumed run continues them from
+    ``checkpoint`` (``Pipeline.checkpoint()`` of an earlier pipeline of the same config).
     """
     pipe = Pipeline(
         batch_size=config.batch_size,
@@ -209,6 +211,8 @@ def build_pipeline(config: PipelineConfig, source: Callable[[], tuple]) -> Pipel
         prefetch_queue_depth=config.prefetch,
         # the dynamic executor keeps an output buffer alive while torch holds it (DLPack, zero-copy)
         exec_dynamic=True,
+        enable_checkpointing=config.train,
+        checkpoint=checkpoint if config.train else None,
     )
     with pipe:
         data, labels = fn.external_source(

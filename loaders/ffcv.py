@@ -247,6 +247,9 @@ class FfcvLoader(Loader):
         if spec.train and spec.world_size == 1 and order in ("auto", "quasi_random"):
             indices = np.arange(self.dataset_size, dtype=np.uint64)
             self._quasi_random = self.pipeline.quasi_random_order(indices, spec.seed, spec.batch_size)
+            # FFCV shuffles this table in place on every sample_order(): each epoch starts from a copy of the
+            # original, so an epoch's order depends on (seed, epoch) only, as a resumed run needs
+            self._pages = self._quasi_random.page_to_samples_array.copy()
         self._mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(info.std, device=device).view(1, 3, 1, 1) * 255.0
         self._outputs = OutputPool()
@@ -292,6 +295,7 @@ class FfcvLoader(Loader):
         """Sample ids this rank reads in ``epoch``, already cut to the contract's count."""
         spec, n = self.spec, self.dataset_size
         if self._quasi_random is not None:
+            self._quasi_random.page_to_samples_array = self._pages.copy()
             order = self._quasi_random.sample_order(epoch)
         else:
             order = shard_indices(n, spec, epoch).numpy()
@@ -300,9 +304,10 @@ class FfcvLoader(Loader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         resolution = self.resolution(self.epoch) if self.config.resized else None
         started = time.perf_counter()
-        epoch = self.pipeline.epoch(
-            self.epoch_order(self.epoch), self.spec.batch_size, self.batches_ahead, self.timeout, resolution
-        )
+        # a resumed epoch reads from its batch start_batch on: the batches (and their augmentation, drawn from the
+        # batch and the sample: loaders.ffcv_augment) are those of the whole epoch from there
+        order = self.epoch_order(self.epoch)[self.take_start_batch() * self.spec.batch_size :]
+        epoch = self.pipeline.epoch(order, self.spec.batch_size, self.batches_ahead, self.timeout, resolution)
         try:
             for index, outputs in enumerate(epoch):
                 images, labels = self._finish(outputs[self.pipeline.image_index], outputs[self.pipeline.label_index])

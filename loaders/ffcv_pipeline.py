@@ -23,27 +23,16 @@ import numba
 import numpy as np
 import torch
 from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.decoders import (
-    CenterCropRGBImageDecoder,
-    IntDecoder,
-    RandomResizedCropRGBImageDecoder,
-    SimpleRGBImageDecoder,
-)
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
 from ffcv.loader import Loader as _FfcvBaseLoader
 from ffcv.loader import OrderOption
 from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 from ffcv.pipeline.operation import Operation
-from ffcv.transforms import (
-    NormalizeImage,
-    RandomHorizontalFlip,
-    RandomTranslate,
-    ToDevice,
-    ToTensor,
-    ToTorchImage,
-)
+from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order import QuasiRandom
 
 from loaders.base import LoaderError
+from loaders.ffcv_augment import SeededRandomResizedCropDecoder, SeededTranslateFlip
 
 POLL_SECONDS = 0.2  # how often a waiting consumer checks that FFCV's thread is still alive
 
@@ -90,20 +79,22 @@ def image_operations(config: PipelineConfig) -> list[Operation]:
     """
     size = (config.image_size, config.image_size)
     ops: list[Operation]
+    # training augmentations draw per sample from (batch, sample id), not from numba's per-thread streams, so a
+    # run and its resumed continuation augment alike (loaders.ffcv_augment)
     if config.resized:
         if config.train:
             ops = [
-                RandomResizedCropRGBImageDecoder(size, scale=config.crop_scale, ratio=config.crop_ratio),
-                RandomHorizontalFlip(),
+                SeededRandomResizedCropDecoder(size, scale=config.crop_scale, ratio=config.crop_ratio),
+                SeededTranslateFlip(padding=0, flip=True),
             ]
         else:
             ops = [CenterCropRGBImageDecoder(size, ratio=config.val_ratio)]
     else:
         ops = [SimpleRGBImageDecoder()]
         if config.train and config.augment == "standard":
-            ops += [RandomTranslate(padding=4), RandomHorizontalFlip()]  # pad-4 random crop (zero fill) + flip
+            ops += [SeededTranslateFlip(padding=4, flip=True)]  # pad-4 random crop (zero fill) + flip
         elif config.train and config.augment == "original":
-            ops += [RandomHorizontalFlip()]
+            ops += [SeededTranslateFlip(padding=0, flip=True)]
     mean, std = np.array(config.mean), np.array(config.std)
     device = torch.device(config.device)  # ToDevice needs a torch.device, not a string
     if device.type == "cpu":

@@ -167,8 +167,8 @@ class TensorLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         spec, device = self.spec, self.spec.device
-        order, all_offsets, all_flips = self.epoch_plan()
-        for start in range(0, self.num_samples, spec.batch_size):
+        order, all_offsets, all_flips = self.epoch_plan()  # a resumed epoch skips rows, drawn all the same
+        for start in range(self.take_start_batch() * spec.batch_size, self.num_samples, spec.batch_size):
             with batch_threads(device):
                 rows = slice(start, start + spec.batch_size)
                 indices, offsets, flips = order[rows], all_offsets[rows], all_flips[rows]

@@ -74,21 +74,22 @@ class ImageFileSamples(Dataset):
 
 
 class ShardSampler(Sampler):
-    """Yields ``(index, epoch)`` for this rank's samples of the epoch: ``shard_indices`` cut to whole batches."""
+    """Yields ``(index, epoch)`` for this rank's samples of the epoch: ``shard_indices`` cut to whole batches,
+    from sample ``skip`` on (a resumed epoch skips the batches already trained, never reading them)."""
 
     def __init__(self, n: int, spec: LoaderSpec) -> None:
-        self.n, self.spec, self.epoch = n, spec, 0
+        self.n, self.spec, self.epoch, self.skip = n, spec, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = int(epoch), int(skip)
 
     def __len__(self) -> int:
-        return samples_per_rank(self.n, self.spec)
+        return samples_per_rank(self.n, self.spec) - self.skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = shard_indices(self.n, self.spec, self.epoch)[: len(self)].tolist()
+        indices = shard_indices(self.n, self.spec, self.epoch)[self.skip : samples_per_rank(self.n, self.spec)]
         epoch = self.epoch
-        return iter([(i, epoch) for i in indices])
+        return iter([(i, epoch) for i in indices.tolist()])
 
 
 def _build_samples(spec: LoaderSpec) -> Dataset:
@@ -141,12 +142,15 @@ class TorchLoader(Loader):
                 pin_memory=self.on_cuda and self.spec.flag("pin_memory", True),
                 persistent_workers=workers > 0,
                 prefetch_factor=int(self.spec.option("prefetch", 2)) if workers > 0 else None,
+                # its own generator: the DataLoader draws its workers' base seed from it, not from the global
+                # torch RNG, so dropout's stream does not depend on when an iteration starts (exact resumes)
+                generator=torch.Generator().manual_seed(self.spec.seed),
             )
         return self._dataloader
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch, start_batch)
+        self.sampler.set_epoch(epoch, start_batch * self.spec.batch_size)
 
     def _to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.spec.device, non_blocking=True)
@@ -155,7 +159,7 @@ class TorchLoader(Loader):
             return self.normalizer(images), labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.sampler.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch, self.take_start_batch() * self.spec.batch_size)
         batches = iter(self._loader())
         stream = torch.cuda.Stream(self.spec.device) if self.on_cuda else None
         try:

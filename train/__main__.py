@@ -46,6 +46,8 @@ Config files: configs/defaults.json (every key) + configs/<dataset>/<model>.json
 Several GPUs / nodes: torchrun --nproc_per_node=N -m train <dataset> <model> <exp> ...
 With no arguments: the default job, i.e. python -m train {" ".join(DEFAULT_JOB)} {" ".join(DEFAULT_OVERRIDES)}
   (writes runs/default/summary.json).
+Exit codes: 0 done, 1 checkpoint write failed, 2 bad command/config/data, 130 Ctrl-C,
+  3 preempted: SIGTERM or SIGUSR1 saved the position in last.pt; rerun with --resume (docs/preemption.md).
 """
 
 
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         from loaders.base import LoaderError
         from train.checkpoint import CheckpointError, CheckpointWriteError
         from train.files import OutputLockedError
+        from train.preempt import EXIT_PREEMPTED, Preempted
         from train.run import RunRequest, run
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -179,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointWriteError as error:  # the machine's fault, not the command's: exit 1
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Preempted as error:  # a signal asked the run to stop: requeue it and continue with --resume
+        print(f"preempted: {error}; continue with --resume (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted: the run folder holds the last completed epoch; continue with --resume", file=sys.stderr)
         return 130

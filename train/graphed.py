@@ -33,6 +33,7 @@ from torch import nn
 
 from train.loop import TrainState, _check_finite, synchronize
 from train.metrics import MetricSums
+from train.preempt import EpochPosition, StepBoundary
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN / autotune / compile choices settle)
 
@@ -90,18 +91,19 @@ class GraphedSteps:
         self.eager_steps = 0
         self.capture_seconds = 0.0
 
-    def start_epoch(self, epoch: int) -> None:
-        """Copy the epoch's order, crops and flips into the static buffers; reset counters and sums."""
+    def start_epoch(self, epoch: int, position: EpochPosition | None = None) -> None:
+        """Copy the epoch's order, crops and flips into the static buffers; reset counters and sums (or set them
+        to a mid-epoch checkpoint's ``position``: the next replay builds batch ``position.batch``)."""
         self.loader.set_epoch(epoch)
         order, offsets, flips = self.loader.epoch_plan()
         rows = self.order.shape[0]
         self.order.copy_(order[:rows])
         self.offsets.copy_(offsets[:rows])
         self.flips.copy_(flips[:rows])
-        self.step_index.zero_()
+        self.step_index.fill_(position.batch if position else 0)
         self.global_step.fill_(self.state.global_step)
         self.first_bad.fill_(-1)
-        self.sums.sums.zero_()
+        self.sums.sums.copy_(torch.tensor(position.sums if position else [0.0] * 4, dtype=torch.float64))
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``step_index`` of the epoch, selected on the device (no host-side slicing)."""
@@ -174,25 +176,44 @@ def train_one_epoch_graphed(
     steps: GraphedSteps,
     epoch: int,
     progress: Callable[[int, int, float], None] | None = None,
+    boundary: StepBoundary | None = None,
 ) -> dict[str, Any]:
-    """:func:`train.loop.train_one_epoch` for the captured step: the same result keys, no data wait."""
+    """:func:`train.loop.train_one_epoch` for the captured step: the same result keys, no data wait.
+
+    ``boundary`` as there: continue a mid-epoch checkpoint, save every ``checkpoint.every_steps``, stop on a signal
+    (a Python flag checked between replays; the saved position syncs once).
+    """
     state.model.train()  # the graph was captured in training mode; evaluation in between sets eval mode
-    steps.start_epoch(epoch)
+    position = (boundary.start(epoch) if boundary is not None else None) or EpochPosition(epoch, 0)
+    steps.start_epoch(epoch, position)
     total = steps.steps
-    compile_seconds, compile_samples = 0.0, 0
+    compile_seconds, compile_samples = position.compile_seconds, position.compile_samples
+    preempted = False
     synchronize(state.device)
-    start = time.perf_counter()
-    for done in range(1, total + 1):
+    start = time.perf_counter() - position.seconds
+    for done in range(position.batch + 1, total + 1):
         state.schedule.step(state.global_step)  # writes the device learning rate in place
         setup = steps.run_step()
         if setup:
             compile_seconds += setup
             compile_samples += steps.batch
         state.global_step += 1
+        agreed_stop = None
         if done % state.refresh_steps == 0:
-            _check_finite(steps.first_bad, state, epoch)
+            agreed_stop = _check_finite(
+                steps.first_bad, state, epoch, boundary is not None and boundary.signals.requested
+            )
             if progress is not None:
                 progress(done, total, done * steps.batch / max(time.perf_counter() - start, 1e-9))
+        action = boundary.after_step(state.global_step, done == total, agreed_stop) if boundary is not None else None
+        if action is not None:
+            _check_finite(steps.first_bad, state, epoch)  # never checkpoint a diverged step
+            synchronize(state.device)
+            boundary.save(EpochPosition(epoch, done, steps.sums.sums.tolist(), time.perf_counter() - start, 0.0,
+                                        compile_seconds, compile_samples))  # fmt: skip
+            if action == "stop":
+                preempted = True
+                break
     synchronize(state.device)
     seconds = time.perf_counter() - start
     _check_finite(steps.first_bad, state, epoch)
@@ -206,8 +227,9 @@ def train_one_epoch_graphed(
         compile_seconds=compile_seconds,
         timed_samples=timed_images,
         images_per_second=timed_images / timed if timed_images else result["samples"] / max(seconds, 1e-9),
-        steps=total,
+        steps=done if preempted else total,
         lr=float(state.optimizer.param_groups[0]["lr"]),
+        preempted=preempted,
     )
     if progress is not None:
         progress(total, total, result["images_per_second"])

@@ -22,6 +22,7 @@ from loaders.base import Loader
 from train.compiled import CompileGuard
 from train.distributed import DistributedEnv
 from train.metrics import MetricSums
+from train.preempt import EpochPosition, StepBoundary
 from train.schedule import LrSchedule
 
 
@@ -63,17 +64,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _check_finite(first_bad: torch.Tensor, state: TrainState, epoch: int) -> None:
-    """Stop on a NaN/inf loss (one host sync; reduced over ranks so every rank stops together)."""
-    bad = first_bad.clone()
+def _check_finite(first_bad: torch.Tensor, state: TrainState, epoch: int, stop: bool = False) -> bool:
+    """Stop on a NaN/inf loss (one host sync; reduced over ranks so every rank stops together).
+
+    The same reduction carries this rank's preemption flag ``stop``; returns whether any rank has it set.
+    """
+    bad = torch.stack((first_bad, first_bad.new_tensor(int(stop))))
     if state.env.enabled:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    step = int(bad)
+    step, stop = bad.tolist()
     if step >= 0:
         raise NonFiniteLossError(
             f"training loss became NaN/inf at step {step} (epoch {epoch + 1}); stopped. The last good checkpoint "
             "(last.pt, end of the previous epoch) is kept; lower optimizer.lr, add warmup or gradient clipping"
         )
+    return bool(stop)
 
 
 def train_one_epoch(
@@ -82,25 +87,31 @@ def train_one_epoch(
     epoch: int,
     progress: Callable[[int, int, float], None] | None = None,
     record: list[torch.Tensor] | None = None,
+    boundary: StepBoundary | None = None,
 ) -> dict[str, Any]:
     """Train one epoch; returns loss/top-1/top-5 over all ranks plus timing and throughput.
 
     ``progress(step, total, images_per_second)`` is called at each refresh (rank 0 passes a progress bar).
     ``record``, when given, receives each batch's labels and per-sample pixel sums (a debug trace of which
-    samples this rank saw).
+    samples this rank saw). ``boundary`` (train/preempt.py) continues a mid-epoch checkpoint, saves one every
+    ``checkpoint.every_steps`` steps and stops after a signal: the result then has ``preempted: True``.
     """
     model, device = state.model, state.device
     model.train()
-    loader.set_epoch(epoch)
+    # -- preemption: continue a mid-epoch checkpoint (sums and timing of the batches before it included) --
+    resume = boundary.start(epoch) if boundary is not None else None
+    resume = resume or EpochPosition(epoch, 0)
+    loader.set_epoch(epoch, resume.batch)
     sums = MetricSums(device)
+    sums.sums += torch.tensor(resume.sums, dtype=torch.float64, device=device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-    data_seconds = compile_seconds = 0.0
-    compile_samples = 0
-    steps = 0
+    data_seconds, compile_seconds, compile_samples = resume.data_seconds, resume.compile_seconds, resume.compile_samples
+    steps = resume.batch
     total = len(loader)
+    preempted = False
     synchronize(device)
-    start = time.perf_counter()
-    batches = iter(loader)
+    start = time.perf_counter() - resume.seconds
+    batches = iter(loader) if steps < total else iter(())
     while True:
         wait = time.perf_counter()
         try:
@@ -121,11 +132,24 @@ def train_one_epoch(
             record.append(torch.stack([labels.double(), images.double().sum(dim=(1, 2, 3))], dim=1).cpu())
         state.global_step += 1
         steps += 1
+        agreed_stop = None
         if steps % state.refresh_steps == 0:
-            _check_finite(first_bad, state, epoch)  # a sync point: also makes the live images/s honest
+            # a sync point: also makes the live images/s honest, and agrees on a preemption across ranks
+            agreed_stop = _check_finite(first_bad, state, epoch, boundary is not None and boundary.signals.requested)
             if progress is not None:
                 elapsed = time.perf_counter() - start
                 progress(steps, total, steps * loader.batch_size / max(elapsed, 1e-9))
+        # -- preemption: a mid-epoch checkpoint every checkpoint.every_steps steps, or save and stop on a signal --
+        action = boundary.after_step(state.global_step, steps == total, agreed_stop) if boundary is not None else None
+        if action is not None:
+            _check_finite(first_bad, state, epoch)  # never checkpoint a diverged step
+            synchronize(device)
+            position = EpochPosition(epoch, steps, sums.sums.tolist(), time.perf_counter() - start, data_seconds,
+                                     compile_seconds, compile_samples)  # fmt: skip
+            boundary.save(position)
+            if action == "stop":
+                preempted = True
+                break
     synchronize(device)
     seconds = time.perf_counter() - start
     _check_finite(first_bad, state, epoch)
@@ -143,6 +167,7 @@ def train_one_epoch(
         images_per_second=timed_images / timed if timed_images > 0 else images_total / max(seconds, 1e-9),
         steps=steps,
         lr=float(state.optimizer.param_groups[0]["lr"]),  # a device tensor under CUDA graphs
+        preempted=preempted,
     )
     if progress is not None:
         progress(steps, total, result["images_per_second"] / state.env.world_size)

@@ -5,8 +5,9 @@ Run folder ``<logging.runs_dir>/<exp>/`` (rank 0 writes, every file atomically):
 * ``config.json``   the fully resolved config (plus dataset / model / exp);
 * ``metrics.jsonl`` one line per epoch: train/val loss, top-1, top-5, lr, images/s, data-wait, compute and compile
   time;
-* ``last.pt``       full state after the latest epoch (``--resume`` continues from it), ``best.pt`` the weights
-  of the best validation top-1;
+* ``last.pt``       full state after the latest epoch (``--resume`` continues from it), or inside an epoch after a
+  SIGTERM / SIGUSR1 or every ``checkpoint.every_steps`` steps (train/preempt.py); ``best.pt`` the weights of the
+  best validation top-1;
 * ``conv1.pt``      the first convolution's filters: ``{"initial", "best", "final"}``;
 * ``summary.json``  ``val`` / ``test`` ``{"top1", "top5", "loss"}``, ``images_per_second``, ``wall_seconds``,
   ``compile`` ...
@@ -15,7 +16,8 @@ Run folder ``<logging.runs_dir>/<exp>/`` (rank 0 writes, every file atomically):
 :class:`Run` holds the run's parts and walks its steps, each a screen or less: :meth:`Run.prepare` (folder,
 loaders, network, optimizer, compile), :meth:`Run.restore` (``--resume``), :meth:`Run.begin` (files written at
 the start), :meth:`Run.train` -> :meth:`Run.epoch` (train, validate, book-keep, :meth:`Run.save`), and
-:meth:`Run.finish` (test with the best weights, ``summary.json``).
+:meth:`Run.finish` (test with the best weights, ``summary.json``). A signal makes :meth:`Run.train` save the
+position at the next step boundary and :meth:`Run.execute` raise :class:`train.preempt.Preempted` (exit code 3).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from train.files import write_json_atomic as write_json
 from train.graphed import GraphedSteps, graphs_blocker, train_one_epoch_graphed
 from train.loop import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from train.metrics import MetricsLog, progress_bar_factory
+from train.preempt import EpochPosition, Preempted, StepBoundary, StopSignals
 from train.schedule import LrSchedule, build_optimizer
 from train.tensorboard import EVENT_FILE_GLOB, TensorBoardLog
 
@@ -105,19 +108,29 @@ class Run:
         self.folder = Path(self.config["logging"]["runs_dir"]) / request.exp
         self.book = new_book()
         self.record: list[torch.Tensor] | None = [] if self.training["record_samples"] else None
+        self.signals = StopSignals()
+        every_steps = self.config["checkpoint"]["every_steps"]
+        self.boundary = StepBoundary(env, self.signals, every_steps, self.save_position, say)
 
     def execute(self) -> dict[str, Any]:
-        """prepare -> restore -> begin -> train -> finish."""
-        checkpoint = self.prepare()
-        if checkpoint:
-            self.restore(checkpoint)
-        self.begin()
+        """prepare -> restore -> begin -> train -> finish (or :class:`Preempted` after a signal)."""
+        self.signals.install()  # from here on SIGTERM / SIGUSR1 only set a flag, read at step boundaries
         try:
-            stop_reason = self.train()
+            try:
+                checkpoint = self.prepare()
+                if checkpoint:
+                    self.restore(checkpoint)
+                self.begin()
+                stop_reason = self.train()
+            finally:
+                self.signals.close()
+            if stop_reason == "preempted":
+                raise Preempted(f"stopped by {self.signals.name}: {self.folder / 'last.pt'} holds the position")
             summary = self.finish(stop_reason)
             self.board.log_test(summary)
         finally:
-            self.board.close()
+            if hasattr(self, "board"):
+                self.board.close()
         if self.record is not None:
             self._write_record()
         return summary
@@ -238,13 +251,23 @@ class Run:
         state.global_step = int(checkpoint["global_step"])
         self.book.update(checkpoint["book"])
         self.conv1 = dict(checkpoint.get("conv1", self.conv1))
-        if len(checkpoint["rng"]) == env.world_size:  # same number of ranks: continue every stream exactly
+        ranks, position = len(checkpoint["rng"]), checkpoint.get("position")
+        if ranks == env.world_size:  # same number of ranks: continue every stream exactly
             ckpt.set_rng_state(checkpoint["rng"][env.rank])
+            self.train_loader.load_state_dict((checkpoint.get("loaders") or [{}] * ranks)[env.rank])
+        elif position is not None:  # the batch index and the partial sums are per rank: no exact continuation
+            raise ConfigError(
+                f"--resume: {self.folder / 'last.pt'} was saved inside epoch {position['epoch'] + 1} by {ranks} "
+                f"process(es); resume it with {ranks} (torchrun --nproc_per_node), or wait for an epoch-end checkpoint"
+            )
         else:  # another world size: fresh per-rank streams (the loaders' shuffles depend only on seed and epoch)
             ckpt.seed_all(distributed.rank_seed(int(self.config["seed"]), env.rank, self.book["epoch"]))
-            ranks = len(checkpoint["rng"])
             self.say(f"resuming {ranks}-rank checkpoint on {env.world_size} rank(s): RNG reseeded per rank")
-        self.say(f"resumed {self.folder / 'last.pt'} at epoch {self.book['epoch']} (step {state.global_step})")
+        where = f"epoch {self.book['epoch']}"
+        if position is not None:
+            self.boundary.resume = EpochPosition(**position["ranks"][env.rank])
+            where = f"epoch {position['epoch'] + 1} batch {position['batch']}/{len(self.train_loader)}"
+        self.say(f"resumed {self.folder / 'last.pt'} at {where} (step {state.global_step})")
 
     def begin(self) -> None:
         """Write config.json (and conv1.pt's initial filters), open metrics.jsonl, print the run's line."""
@@ -271,13 +294,18 @@ class Run:
     # -- epochs --------------------------------------------------------------------------------------------------
 
     def train(self) -> str:
-        """Every remaining epoch; returns why training stopped: completed, early_stop or nonfinite."""
+        """Every remaining epoch; returns why training stopped: completed, early_stop, nonfinite or preempted."""
         epochs = int(self.training["epochs"])
         self.progress = progress_bar_factory(self.config["logging"]["progress_bar"], self.env.is_main)
         for epoch in range(self.book["epoch"], epochs):
             stop = self.epoch(epoch, epochs)
             if stop:
                 return stop
+            if epoch + 1 < epochs and self.boundary.stop_agreed(self.device):  # a signal during validation/saving
+                if not self.config["checkpoint"]["save_last"]:
+                    self.save(False, None, force_last=True)
+                self.say(f"preempted ({self.signals.name}) after epoch {epoch + 1}: continue with --resume")
+                return "preempted"
         return "completed"
 
     def epoch(self, epoch: int, epochs: int) -> str | None:
@@ -286,9 +314,11 @@ class Run:
         try:
             progress = self.progress(epoch, epochs)
             if self.graphed is not None:
-                train_metrics = train_one_epoch_graphed(state, self.graphed, epoch, progress)
+                train_metrics = train_one_epoch_graphed(state, self.graphed, epoch, progress, self.boundary)
             else:
-                train_metrics = train_one_epoch(state, self.train_loader, epoch, progress, self.record)
+                train_metrics = train_one_epoch(state, self.train_loader, epoch, progress, self.record, self.boundary)
+            if train_metrics["preempted"]:
+                return "preempted"
             distributed.broadcast_buffers(self.net, self.env)  # every rank validates and saves rank 0's BN stats
             _check_divnorm(self.net)
         except (NonFiniteLossError, FloatingPointError) as error:
@@ -328,13 +358,47 @@ class Run:
             return "early_stop"
         return None
 
-    def save(self, improved: bool, val_metrics: dict[str, Any] | None) -> None:
-        """last.pt every epoch (with every rank's RNG state), best.pt on improvement; rank 0 writes."""
-        rngs = distributed.gather_objects(ckpt.rng_state(), self.env)  # collective: every rank calls it
+    def save(
+        self,
+        improved: bool,
+        val_metrics: dict[str, Any] | None,
+        position: EpochPosition | None = None,
+        force_last: bool = False,
+    ) -> None:
+        """last.pt every epoch (with every rank's RNG state and loader streams), best.pt on improvement; with a
+        ``position``, last.pt inside an epoch (always written: a preemption or ``every_steps``). Rank 0 writes."""
+        mine = {
+            "rng": ckpt.rng_state(),
+            "loader": self.train_loader.state_dict(),
+            "position": position.as_dict() if position is not None else None,
+        }
+        ranks = distributed.gather_objects(mine, self.env)  # collective: every rank calls it
         if not self.env.is_main:
             return
+        saving = self.config["checkpoint"]
+        self.boundary.signal_in_save()  # test hook: a second signal while this checkpoint is written
+        with self.signals.deferred_interrupt():
+            self._write(ranks, improved, val_metrics, position, saving["save_last"] or force_last or bool(position))
+
+    def save_position(self, position: EpochPosition) -> None:
+        """The mid-epoch checkpoint of :class:`train.preempt.StepBoundary` (signal or ``every_steps``)."""
+        self.save(False, None, position)
+        what = f"preempted ({self.signals.name})" if self.signals.requested else "checkpoint"
+        self.say(
+            f"{what} at step {self.state.global_step} (epoch {position.epoch + 1}, batch {position.batch}/"
+            f"{len(self.train_loader)}): {self.folder / 'last.pt'}"
+        )
+
+    def _write(
+        self,
+        ranks: list[dict[str, Any]],
+        improved: bool,
+        val_metrics: dict[str, Any] | None,
+        position: EpochPosition | None,
+        write_last: bool,
+    ) -> None:
         state, folder, saving = self.state, self.folder, self.config["checkpoint"]
-        if saving["save_last"]:
+        if write_last:
             ckpt.atomic_save(
                 {
                     "model": ckpt.model_state(self.net),
@@ -344,7 +408,16 @@ class Run:
                     "global_step": state.global_step,
                     "book": self.book,
                     "conv1": self.conv1,
-                    "rng": rngs,
+                    "rng": [rank["rng"] for rank in ranks],
+                    "loaders": [rank["loader"] for rank in ranks],  # backend streams (DALI's RNGs), per rank
+                    # inside an epoch: where each rank stands (None: at the end of epoch book["epoch"])
+                    "position": None
+                    if position is None
+                    else {
+                        "epoch": position.epoch,
+                        "batch": position.batch,
+                        "ranks": [rank["position"] for rank in ranks],
+                    },
                     "config": self.config,
                 },
                 folder / "last.pt",
@@ -352,7 +425,7 @@ class Run:
         if improved and saving["save_best"]:
             best = {"model": ckpt.model_state(self.net), "epoch": self.book["epoch"], "val": _public(val_metrics)}
             ckpt.atomic_save(best, folder / "best.pt")
-        if saving["save_conv1"]:
+        if saving["save_conv1"] and position is None:
             ckpt.save_conv1(folder / "conv1.pt", self.conv1)
 
     # -- the end -------------------------------------------------------------------------------------------------
