@@ -62,6 +62,62 @@ def test_the_step_code_trains_exactly_like_the_loop_on_cpu():
         assert torch.equal(a, b), name
 
 
+def test_the_step_code_stops_at_a_signal_and_resumes_exactly(monkeypatch):
+    """A SIGTERM (the trainer's test hook: a real signal through the real handler) inside epoch 2 of the captured
+    step's code: the boundary saves the position, and a fresh model + optimizer + GraphedSteps resumed from it end
+    with the weights and the epoch's metrics of the uninterrupted run, bit for bit on the CPU."""
+    import copy
+
+    from train.preempt import SIGNAL_AT_STEP_ENV, StepBoundary, StopSignals
+
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    init = small_net().to(memory_format=torch.channels_last).state_dict()
+
+    def fresh():
+        net = small_net().to(memory_format=torch.channels_last)
+        net.load_state_dict(init)
+        state = make_state(net, device, lr_on_device=True)
+        return net, state, GraphedSteps(state, resident_loader(device), capture=False)
+
+    net, state, steps = fresh()
+    reference = [train_one_epoch_graphed(state, steps, epoch) for epoch in range(2)]
+
+    saved = {}
+
+    def save(position):
+        saved.update(position=position, net=copy.deepcopy(net2.state_dict()), step=state2.global_step,
+                     optimizer=copy.deepcopy(state2.optimizer.state_dict()))  # fmt: skip
+
+    monkeypatch.setenv(SIGNAL_AT_STEP_ENV, "7")  # epoch 2 (5 steps an epoch), after its 2nd batch
+    net2, state2, steps2 = fresh()
+    signals = StopSignals()
+    boundary = StepBoundary(DistributedEnv(), signals, 0, save)
+    signals.install()
+    try:
+        assert not train_one_epoch_graphed(state2, steps2, 0, boundary=boundary)["preempted"]
+        stopped = train_one_epoch_graphed(state2, steps2, 1, boundary=boundary)
+    finally:
+        signals.close()
+    assert stopped["preempted"] and saved["position"].epoch == 1 and saved["position"].batch == 2
+    assert saved["step"] == 7
+
+    monkeypatch.delenv(SIGNAL_AT_STEP_ENV)
+    net3, state3, steps3 = fresh()
+    net3.load_state_dict(saved["net"])
+    state3.optimizer.load_state_dict(saved["optimizer"])
+    for group in state3.optimizer.param_groups:  # as Run.restore: the learning rate stays a tensor
+        group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).clone()
+    state3.global_step = saved["step"]
+    resumed = StepBoundary(DistributedEnv(), StopSignals(), 0, save)
+    resumed.resume = saved["position"]
+    got = train_one_epoch_graphed(state3, steps3, 1, boundary=resumed)
+    for key in ("loss", "top1", "top5", "samples", "steps", "lr"):
+        assert got[key] == reference[1][key], key
+    for (name, a), b in zip(net.state_dict().items(), net3.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_a_nan_inside_the_step_is_reported_with_its_step():
     device = torch.device("cpu")
     torch.manual_seed(0)
