@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preempted: {error}; continue with --resume (exit code {EXIT_PREEMPTED})", file=sys.stderr)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
-        print("interrupted: the run folder holds the last completed epoch; continue with --resume", file=sys.stderr)
+        print("interrupted: the run folder holds the last saved checkpoint; continue with --resume", file=sys.stderr)
         return 130
     return 0
 

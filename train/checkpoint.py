@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, a reader that runs no code, full training state for ``--resume``, RNG states.
 
-``last.pt`` holds everything needed to continue exactly at an epoch boundary: model, optimizer, GradScaler,
+``last.pt`` holds everything needed to continue exactly at an epoch boundary (or, after a preemption, at the batch
+inside the epoch it names: train/preempt.py): model, optimizer, GradScaler,
 schedule state, the next epoch (which is also the loader's ``set_epoch`` value), best-so-far bookkeeping and
 the RNG states of Python, NumPy, torch CPU and CUDA. Every file is written to a temporary name in the same
 folder and moved into place with ``os.replace``, so an interruption (Ctrl-C, a killed job) leaves either the
