@@ -166,7 +166,7 @@ def time_calls(fn: Callable[[], Any], device: torch.device, *, warmup: int, repe
         "ms_max": round(max(per_call), 4),
         "repeats": repeats,
         "calls_per_repeat": calls,
-        "first_call_seconds": round(first, 3),
+        "first_call_seconds": round(first, 6),
     }
 
 

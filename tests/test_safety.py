@@ -136,17 +136,22 @@ def test_resume_refuses_a_planted_last_pt(tmp_path, capsys):
 
 @pytest.mark.timeout(180)
 def test_report_refuses_planted_checkpoints(tmp_path):
-    """``python -m train.report`` (a real process) on folders with a planted conv1.pt, or a planted best.pt."""
+    """``python -m train.report`` (a real process) on a folder with planted conv1.pt, best.pt and last.pt: each is
+    refused in turn (one line naming it), none runs."""
     marker = tmp_path / "pwned"
     folder = tmp_path / "runs" / "evil"
     plant_run_folder(folder, marker)
-    for refused in ("conv1.pt", "best.pt"):
+    planted = {"conv1.pt", "best.pt", "last.pt"}
+    while planted:  # each round refuses the first planted file the report reads; then that file goes
         command = [sys.executable, "-m", "train.report", str(folder), "--out", str(tmp_path / "report")]
         run = subprocess.run(command, capture_output=True, text=True, timeout=150, cwd=REPO, check=False)
         lines = run.stderr.strip().splitlines()
-        assert run.returncode == 2 and len(lines) == 1 and refused in lines[0] and "refused" in lines[0], run.stderr
+        assert run.returncode == 2 and len(lines) == 1 and "refused" in lines[0], run.stderr
+        refused = [name for name in planted if f"/{name}:" in lines[0]]
+        assert len(refused) == 1, lines[0]
         assert not marker.exists()
-        (folder / "conv1.pt").unlink(missing_ok=True)  # next round: conv1.pt missing, so best.pt is the first file read
+        planted.discard(refused[0])
+        (folder / refused[0]).unlink()
 
 
 # ------------------------------------------------------------------------------------------------------ locks

@@ -346,7 +346,8 @@ class Run:
         book["epoch"] = epoch + 1
         self.conv1["final"] = ckpt.conv1_weight(self.net)
         if self.env.is_main:
-            line = {"epoch": epoch + 1, "lr": train_metrics["lr"], "train": _rounded(train_metrics)}
+            train_line = {key: value for key, value in train_metrics.items() if key != "preempted"}
+            line = {"epoch": epoch + 1, "lr": train_metrics["lr"], "train": _rounded(train_line)}
             if val_metrics is not None:
                 line["val"] = _rounded(val_metrics)
             self.metrics_log.append(line)
