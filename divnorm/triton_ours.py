@@ -55,6 +55,26 @@ def _jit(fn):
 
 
 @_jit
+def _abs_power(v, POWER: tl.constexpr):
+    """``|v|^P`` in fp32: ``v * v`` for the default P = 2 (exact, cheap), ``|v|`` for P = 1, else exp2/log2 (0 at 0)."""
+    if POWER == 2.0:
+        r = v * v
+    elif POWER == 1.0:
+        r = tl.abs(v)
+    else:
+        r = tl.exp2(POWER * tl.log2(tl.abs(v)))
+    return r  # one return after the (compile-time) branches: the form every Triton frontend takes
+
+
+@_jit
+def _pool_terms(gamma_ptr, sigma_ptr, pools, pool_mask, gamma_stride, sigma_stride, eps, floor, POWER: tl.constexpr):
+    """Per pool: the gain ``exp(gamma)`` and the floored offset ``max(|sigma|^P + eps, floor)`` (fp32)."""
+    gamma = tl.load(gamma_ptr + pools * gamma_stride, mask=pool_mask, other=0.0).to(tl.float32)
+    sigma = tl.load(sigma_ptr + pools * sigma_stride, mask=pool_mask, other=0.0).to(tl.float32)
+    return tl.exp(gamma), tl.maximum(_abs_power(sigma, POWER) + eps, floor)
+
+
+@_jit
 def _ours_forward_kernel(
     x_ptr,
     y_ptr,
@@ -92,23 +112,11 @@ def _ours_forward_kernel(
     ]
 
     x = tl.load(x_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
-    if POWER == 2.0:
-        q = x * x  # the default: exact and cheap
-    elif POWER == 1.0:
-        q = tl.abs(x)
-    else:
-        q = tl.exp2(POWER * tl.log2(tl.abs(x)))  # |x|^P; 0 at x = 0 since P > 0
-
-    gamma = tl.load(gamma_ptr + pools * gamma_stride, mask=pool_mask, other=0.0).to(tl.float32)
-    sigma = tl.load(sigma_ptr + pools * sigma_stride, mask=pool_mask, other=0.0).to(tl.float32)
-    if POWER == 2.0:
-        sigma_power = sigma * sigma
-    else:
-        sigma_power = tl.exp2(POWER * tl.log2(tl.abs(sigma)))
-    offset = tl.maximum(sigma_power + eps, floor)
+    q = _abs_power(x, POWER)
+    gain, offset = _pool_terms(gamma_ptr, sigma_ptr, pools, pool_mask, gamma_stride, sigma_stride, eps, floor, POWER)
 
     denominator = tl.sum(q, axis=2) + offset[None, :]  # [BLOCK_PIX, BLOCK_G], the pool sums in registers
-    scale = tl.exp(gamma)[None, :] / denominator
+    scale = gain[None, :] / denominator
     y = q * scale[:, :, None]
     tl.store(y_ptr + base + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -150,14 +158,7 @@ def _ours_backward_kernel(
     channel_mask = (pool_mask[:, None] & (in_pool < POOL)[None, :])[None, :, :]
 
     # The per-pool terms do not depend on the tile: computed once per program.
-    gamma = tl.load(gamma_ptr + pools * gamma_stride, mask=pool_mask, other=0.0).to(tl.float32)
-    sigma = tl.load(sigma_ptr + pools * sigma_stride, mask=pool_mask, other=0.0).to(tl.float32)
-    if POWER == 2.0:
-        sigma_power = sigma * sigma
-    else:
-        sigma_power = tl.exp2(POWER * tl.log2(tl.abs(sigma)))
-    offset = tl.maximum(sigma_power + eps, floor)
-    gain = tl.exp(gamma)
+    gain, offset = _pool_terms(gamma_ptr, sigma_ptr, pools, pool_mask, gamma_stride, sigma_stride, eps, floor, POWER)
 
     total_sum = tl.zeros([BLOCK_G], dtype=tl.float32)  # sum of T per pool
     correction_sum = tl.zeros([BLOCK_G], dtype=tl.float32)  # sum of T / D per pool
@@ -168,12 +169,7 @@ def _ours_backward_kernel(
         mask = ((first_pixel + pixels) < num_pixels)[:, None, None] & channel_mask
         x = tl.load(x_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
-        if POWER == 2.0:
-            q = x * x
-        elif POWER == 1.0:
-            q = tl.abs(x)
-        else:
-            q = tl.exp2(POWER * tl.log2(tl.abs(x)))
+        q = _abs_power(x, POWER)
         denominator = tl.sum(q, axis=2) + offset[None, :]
         scale = gain[None, :] / denominator
         total = scale * tl.sum(dy * q, axis=2)  # T; 0 on masked pixels and pools (q = dy = 0 there)
