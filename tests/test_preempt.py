@@ -128,8 +128,6 @@ def test_signal_saves_the_position_and_resume_is_exact(reference):
 
 def test_kill_after_every_steps_checkpoint_resumes_exactly(reference):
     loader, root, _, _ = reference
-    if loader not in ("gpu", "dali"):  # the cheapest backend and the one whose RNG lives in the backend
-        pytest.skip("kill -9 is exercised on the tensor and DALI backends (time budget); resume is the same code")
     done = _train(root, "killed", loader, "checkpoint.every_steps=3", env={"DIVNORM_SIGNAL_AT_STEP": "7:SIGKILL"})
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     saved = load(root / "killed" / "last.pt")
