@@ -25,6 +25,9 @@
 #   arguments (e.g. "--parts models" or "--models resnet50" to split it over two calls). Add "tests" (with
 #   TEST_CAP) for the GPU tests in the same call when the budget allows; DALI and the sample tree are set up only
 #   for the steps that read data.
+# Issues 18 + 19 in one session (no staging): call 1 `STEPS="step"` (timeout_s 300), call 2 at once
+#   `STEPS="recipe tests" TEST_CAP=200 PYTEST_K="graphed or kernel or compile or train_run"` (timeout_s 520):
+#   recipe: the 90-epoch AlexNet-DN recipe (cuda graphs + compile by default) into $OUT/recipe-alexnet-dn/.
 set -u
 OUT=${OUT:-/tmp/gpu-session}
 PY=${PY:-python3}
@@ -65,6 +68,38 @@ if has step; then
     | tail -60
   echo "gpu_step exit ${PIPESTATUS[0]}"
 fi
+
+# ---- recipe (issue 19): the original CIFAR-100 recipe end to end, no DALI / FFCV needed --------------------------
+# AlexNet with DN (ours), batch 128, 90 epochs, SGD lr 0.05 nesterov, wd 1e-4, steplr 30 / 0.1 = configs/cifar100/
+# alexnet.json; on CIFAR-100 when CIFAR100_DIR holds cifar-100-python/, else on the synthetic set sized to CIFAR-100's
+# splits (data.synthetic_size=40000: 40,000 / 10,000 / 10,000) with that file's settings as overrides (the resolved
+# configs are equal but for data.synthetic_size). The run's config.json, metrics.jsonl, summary.json and log go to
+# $OUT/recipe-alexnet-dn/ (commit them under benchmarks/<machine>/recipe-alexnet-dn/). Target: <= 120 s wall.
+# RECIPE_CAP caps it (s); RECIPE_DEVICE, RECIPE_EPOCHS and RECIPE_EXTRA (overrides, last wins) for a CPU check:
+#   OUT=/tmp/r STEPS=recipe COPIES=1 RECIPE_DEVICE=cpu RECIPE_EPOCHS=1 RECIPE_EXTRA="data.subset=256 data.image_size=16" \
+#     bash benchmarks/gpu/device_session.sh
+if has recipe; then
+  step "recipe: AlexNet-DN, the original CIFAR-100 recipe (${RECIPE_EPOCHS:-90} epochs)"
+  recipe_args=(synthetic alexnet recipe-alexnet-dn data.synthetic_size=40000 data.workers=4 data.eval_batch_size=null
+    optimizer.weight_decay=0.0001 optimizer.no_weight_decay_on_norm=false
+    lr_scheduler.name=steplr lr_scheduler.step_size=30 lr_scheduler.gamma=0.1)
+  if [ -n "${CIFAR100_DIR:-}" ] && [ -d "$CIFAR100_DIR/cifar-100-python" ]; then
+    recipe_args=(cifar100 alexnet recipe-alexnet-dn --data-dir "$CIFAR100_DIR")
+  fi
+  # its own runs folder: the pack step copies every summary.json under $work/runs as train-summary.json
+  timeout "${RECIPE_CAP:-300}" $PY -m train "${recipe_args[@]}" --loader gpu --device "${RECIPE_DEVICE:-cuda}" \
+    --epochs "${RECIPE_EPOCHS:-90}" --overwrite model.divnorm_specs.type=ours data.batch_size=128 \
+    logging.progress_bar=off logging.runs_dir="$work/recipe-runs" ${RECIPE_EXTRA:-} >"$work/recipe.txt" 2>&1
+  rc=$?; [ $rc = 124 ] && rc="124: stopped by RECIPE_CAP=${RECIPE_CAP:-300} s"
+  echo "recipe exit $rc" >>"$work/recipe.txt"
+  tail -6 "$work/recipe.txt"
+  mkdir -p "$OUT/recipe-alexnet-dn"
+  for f in config.json metrics.jsonl summary.json; do
+    cp "$work/recipe-runs/recipe-alexnet-dn/$f" "$OUT/recipe-alexnet-dn/" 2>/dev/null || echo "recipe: no $f"
+  done
+  cp "$work/recipe.txt" "$OUT/recipe-alexnet-dn/log.txt"
+fi
+# ---- end of recipe -------------------------------------------------------------------------------------------------
 if ! needs_data; then
   step done
   exit 0
@@ -151,37 +186,6 @@ has dn && bench 300 resnet50-dn-compile --loaders dali --dali-devices gpu --work
 has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 8 --mode both --model "$MODEL" \
   --divnorm nonorm --option hw_decoder_load=1.0
 
-# ---- recipe (issue 19): the original CIFAR-100 recipe end to end, no DALI / FFCV needed --------------------------
-# AlexNet with DN (ours), batch 128, 90 epochs, SGD lr 0.05 nesterov, wd 1e-4, steplr 30 / 0.1 = configs/cifar100/
-# alexnet.json; on CIFAR-100 when CIFAR100_DIR holds cifar-100-python/, else on the synthetic set sized to CIFAR-100's
-# splits (data.synthetic_size=40000: 40,000 / 10,000 / 10,000) with that file's settings as overrides (the resolved
-# configs are equal but for data.synthetic_size). The run's config.json, metrics.jsonl, summary.json and log go to
-# $OUT/recipe-alexnet-dn/ (commit them under benchmarks/<machine>/recipe-alexnet-dn/). Target: <= 120 s wall.
-# RECIPE_CAP caps it (s); RECIPE_DEVICE, RECIPE_EPOCHS and RECIPE_EXTRA (overrides, last wins) for a CPU check:
-#   OUT=/tmp/r STEPS=recipe COPIES=1 RECIPE_DEVICE=cpu RECIPE_EPOCHS=1 RECIPE_EXTRA="data.subset=256 data.image_size=16" \
-#     bash benchmarks/gpu/device_session.sh
-if has recipe; then
-  step "recipe: AlexNet-DN, the original CIFAR-100 recipe (${RECIPE_EPOCHS:-90} epochs)"
-  recipe_args=(synthetic alexnet recipe-alexnet-dn data.synthetic_size=40000 data.workers=4 data.eval_batch_size=null
-    optimizer.weight_decay=0.0001 optimizer.no_weight_decay_on_norm=false
-    lr_scheduler.name=steplr lr_scheduler.step_size=30 lr_scheduler.gamma=0.1)
-  if [ -n "${CIFAR100_DIR:-}" ] && [ -d "$CIFAR100_DIR/cifar-100-python" ]; then
-    recipe_args=(cifar100 alexnet recipe-alexnet-dn --data-dir "$CIFAR100_DIR")
-  fi
-  # its own runs folder: the pack step copies every summary.json under $work/runs as train-summary.json
-  timeout "${RECIPE_CAP:-300}" $PY -m train "${recipe_args[@]}" --loader gpu --device "${RECIPE_DEVICE:-cuda}" \
-    --epochs "${RECIPE_EPOCHS:-90}" --overwrite model.divnorm_specs.type=ours data.batch_size=128 \
-    logging.progress_bar=off logging.runs_dir="$work/recipe-runs" ${RECIPE_EXTRA:-} >"$work/recipe.txt" 2>&1
-  rc=$?; [ $rc = 124 ] && rc="124: stopped by RECIPE_CAP=${RECIPE_CAP:-300} s"
-  echo "recipe exit $rc" >>"$work/recipe.txt"
-  tail -6 "$work/recipe.txt"
-  mkdir -p "$OUT/recipe-alexnet-dn"
-  for f in config.json metrics.jsonl summary.json; do
-    cp "$work/recipe-runs/recipe-alexnet-dn/$f" "$OUT/recipe-alexnet-dn/" 2>/dev/null || echo "recipe: no $f"
-  done
-  cp "$work/recipe.txt" "$OUT/recipe-alexnet-dn/log.txt"
-fi
-# ---- end of recipe -------------------------------------------------------------------------------------------------
 
 if has bgtests; then
   step "GPU tests in the background (setsid), for the next call to collect"
