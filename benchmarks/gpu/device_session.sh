@@ -26,7 +26,7 @@
 #   TEST_CAP) for the GPU tests in the same call when the budget allows; DALI and the sample tree are set up only
 #   for the steps that read data.
 # Issues 18 + 19 in one session (no staging): call 1 `STEPS="step"` (timeout_s 300), call 2 at once
-#   `STEPS="recipe tests" TEST_CAP=200 PYTEST_K="graphed or kernel or compile or train_run"` (timeout_s 520):
+#   `STEPS="recipe tests" COPIES=1 TEST_CAP=200 PYTEST_K="graphed or kernel or compile or train_run"` (timeout_s 520):
 #   recipe: the 90-epoch AlexNet-DN recipe (cuda graphs + compile by default) into $OUT/recipe-alexnet-dn/.
 set -u
 OUT=${OUT:-/tmp/gpu-session}
