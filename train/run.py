@@ -42,7 +42,8 @@ from train.files import write_json_atomic as write_json
 from train.graphed import GraphedSteps, graphs_blocker, train_one_epoch_graphed
 from train.loop import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from train.metrics import MetricsLog, progress_bar_factory
-from train.preempt import EpochPosition, Preempted, StepBoundary, StopSignals
+from train.preempt import Preempted, StepBoundary, StopSignals
+from train.run_checkpoint import RunCheckpoints, public_metrics
 from train.schedule import LrSchedule, build_optimizer
 from train.tensorboard import EVENT_FILE_GLOB, TensorBoardLog
 
@@ -96,8 +97,9 @@ def new_book() -> dict[str, Any]:
     }
 
 
-class Run:
-    """One run's parts (loaders, network, optimizer, state, bookkeeping) and the steps that use them."""
+class Run(RunCheckpoints):
+    """One run's parts (loaders, network, optimizer, state, bookkeeping) and the steps that use them (the
+    checkpoint steps, restore / save / save_position, are :class:`train.run_checkpoint.RunCheckpoints`')."""
 
     def __init__(
         self, request: RunRequest, env: distributed.DistributedEnv, device: torch.device, say: Callable[[str], None]
@@ -237,38 +239,6 @@ class Run:
         )
         return build_split_loader(self.loader_name, with_evaluation_batch(spec, self.loader_name, self.config))
 
-    def restore(self, checkpoint: dict[str, Any]) -> None:
-        """Continue from ``last.pt``: weights, optimizer, scaler, schedule, step, bookkeeping, RNG streams."""
-        state, env = self.state, self.env
-        self.net.load_state_dict(checkpoint["model"])
-        state.optimizer.load_state_dict(checkpoint["optimizer"])
-        if state.scaler is not None and checkpoint.get("scaler"):
-            state.scaler.load_state_dict(checkpoint["scaler"])
-        state.schedule.load_state_dict(checkpoint["schedule"])
-        if self.cuda_graphs:  # the captured step reads the learning rate from a device tensor, whatever was saved
-            for group in state.optimizer.param_groups:
-                group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).to(self.device).clone()
-        state.global_step = int(checkpoint["global_step"])
-        self.book.update(checkpoint["book"])
-        self.conv1 = dict(checkpoint.get("conv1", self.conv1))
-        ranks, position = len(checkpoint["rng"]), checkpoint.get("position")
-        if ranks == env.world_size:  # same number of ranks: continue every stream exactly
-            ckpt.set_rng_state(checkpoint["rng"][env.rank])
-            self.train_loader.load_state_dict((checkpoint.get("loaders") or [{}] * ranks)[env.rank])
-        elif position is not None:  # the batch index and the partial sums are per rank: no exact continuation
-            raise ConfigError(
-                f"--resume: {self.folder / 'last.pt'} was saved inside epoch {position['epoch'] + 1} by {ranks} "
-                f"process(es); resume it with {ranks} (torchrun --nproc_per_node), or wait for an epoch-end checkpoint"
-            )
-        else:  # another world size: fresh per-rank streams (the loaders' shuffles depend only on seed and epoch)
-            ckpt.seed_all(distributed.rank_seed(int(self.config["seed"]), env.rank, self.book["epoch"]))
-            self.say(f"resuming {ranks}-rank checkpoint on {env.world_size} rank(s): RNG reseeded per rank")
-        where = f"epoch {self.book['epoch']}"
-        if position is not None:
-            self.boundary.resume = EpochPosition(**position["ranks"][env.rank])
-            where = f"epoch {position['epoch'] + 1} batch {position['batch']}/{len(self.train_loader)}"
-        self.say(f"resumed {self.folder / 'last.pt'} at {where} (step {state.global_step})")
-
     def begin(self) -> None:
         """Write config.json (and conv1.pt's initial filters), open metrics.jsonl, print the run's line."""
         request, training = self.request, self.training
@@ -336,7 +306,7 @@ class Run:
         state.schedule.end_epoch(val_metrics["loss"] if val_metrics else None)
         improved = val_metrics is not None and val_metrics["top1"] > book["best_top1"]
         if improved:
-            book.update(best_top1=val_metrics["top1"], best_epoch=epoch + 1, best_val=_public(val_metrics))
+            book.update(best_top1=val_metrics["top1"], best_epoch=epoch + 1, best_val=public_metrics(val_metrics))
             self.conv1["best"] = ckpt.conv1_weight(self.net)
         if val_metrics is not None:
             if val_metrics["loss"] < book["best_loss"]:
@@ -358,76 +328,6 @@ class Run:
             self.say(f"early stop: validation loss did not improve for {training['patience']} epochs")
             return "early_stop"
         return None
-
-    def save(
-        self,
-        improved: bool,
-        val_metrics: dict[str, Any] | None,
-        position: EpochPosition | None = None,
-        force_last: bool = False,
-    ) -> None:
-        """last.pt every epoch (with every rank's RNG state and loader streams), best.pt on improvement; with a
-        ``position``, last.pt inside an epoch (always written: a preemption or ``every_steps``). Rank 0 writes."""
-        mine = {
-            "rng": ckpt.rng_state(),
-            "loader": self.train_loader.state_dict(),
-            "position": position.as_dict() if position is not None else None,
-        }
-        ranks = distributed.gather_objects(mine, self.env)  # collective: every rank calls it
-        if not self.env.is_main:
-            return
-        saving = self.config["checkpoint"]
-        self.boundary.signal_in_save()  # test hook: a second signal while this checkpoint is written
-        with self.signals.deferred_interrupt():
-            self._write(ranks, improved, val_metrics, position, saving["save_last"] or force_last or bool(position))
-
-    def save_position(self, position: EpochPosition) -> None:
-        """The mid-epoch checkpoint of :class:`train.preempt.StepBoundary` (signal or ``every_steps``)."""
-        self.save(False, None, position)
-        what = f"preempted ({self.signals.name})" if self.signals.requested else "checkpoint"
-        self.say(
-            f"{what} at step {self.state.global_step} (epoch {position.epoch + 1}, batch {position.batch}/"
-            f"{len(self.train_loader)}): {self.folder / 'last.pt'}"
-        )
-
-    def _write(
-        self,
-        ranks: list[dict[str, Any]],
-        improved: bool,
-        val_metrics: dict[str, Any] | None,
-        position: EpochPosition | None,
-        write_last: bool,
-    ) -> None:
-        state, folder, saving = self.state, self.folder, self.config["checkpoint"]
-        if write_last:
-            ckpt.atomic_save(
-                {
-                    "model": ckpt.model_state(self.net),
-                    "optimizer": state.optimizer.state_dict(),
-                    "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-                    "schedule": state.schedule.state_dict(),
-                    "global_step": state.global_step,
-                    "book": self.book,
-                    "conv1": self.conv1,
-                    "rng": [rank["rng"] for rank in ranks],
-                    "loaders": [rank["loader"] for rank in ranks],  # backend streams (DALI's RNGs), per rank
-                    # inside an epoch: where each rank stands (None: at the end of epoch book["epoch"])
-                    "position": None
-                    if position is None
-                    else {
-                        "epoch": position.epoch,
-                        "batch": position.batch,
-                        "ranks": [rank["position"] for rank in ranks],
-                    },
-                    "config": self.config,
-                },
-                folder / "last.pt",
-            )
-        if improved and saving["save_best"]:
-            best = {"model": ckpt.model_state(self.net), "epoch": self.book["epoch"], "val": _public(val_metrics)}
-            ckpt.atomic_save(best, folder / "best.pt")
-        if saving["save_conv1"] and position is None:
-            ckpt.save_conv1(folder / "conv1.pt", self.conv1)
 
     # -- the end -------------------------------------------------------------------------------------------------
 
@@ -459,7 +359,7 @@ class Run:
             "best_epoch": book["best_epoch"],
             "stopped": stop_reason,
             "val": book["best_val"],
-            "test": _public(test_metrics) if test_metrics else None,
+            "test": public_metrics(test_metrics) if test_metrics else None,
             "images_per_second": book["train_images"] / max(book["train_seconds"], 1e-9),
             "data_wait_fraction": book["data_seconds"] / max(book["train_seconds"], 1e-9),
             "train_seconds": book["train_seconds"],
@@ -479,18 +379,6 @@ class Run:
         )
         return summary
 
-    def _write_record(self) -> None:
-        """Debug trace (``training.record_samples``): per rank, the (label, pixel sum) of every training sample
-        seen and the final flat parameters; gathered to rank 0, written to ``samples.pt``."""
-        record = self.record or []
-        mine = {
-            "samples": torch.cat(record) if record else torch.empty(0, 2, dtype=torch.float64),
-            "params": torch.cat([p.detach().cpu().double().flatten() for p in self.net.parameters()]),
-        }
-        everyone = distributed.gather_objects(mine, self.env)
-        if self.env.is_main:
-            ckpt.atomic_save({"ranks": everyone}, self.folder / "samples.pt")
-
 
 def _check_folder(request: RunRequest, folder: Path, last_path: Path) -> bool | None:
     """Validate resume/overwrite against what the run folder holds; True when there is a checkpoint to load."""
@@ -509,12 +397,6 @@ def _check_folder(request: RunRequest, folder: Path, last_path: Path) -> bool | 
         for path in [*folder.glob(EVENT_FILE_GLOB), *folder.glob("eval-*.json")]:  # old TensorBoard / evaluate
             path.unlink()
     return None
-
-
-def _public(metrics: dict[str, Any] | None) -> dict[str, float] | None:
-    if metrics is None:
-        return None
-    return {"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"]}
 
 
 def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,148 @@
+"""The checkpoint steps of a run (:class:`train.run.Run`): restore from ``last.pt``, save at epoch ends and inside
+an epoch (preemption, ``checkpoint.every_steps``), and the ``samples.pt`` debug trace.
+
+``last.pt`` holds the weights, optimizer, GradScaler, schedule, step, bookkeeping, conv1 filters, every rank's RNG
+states and loader streams, and, inside an epoch, every rank's position (train/preempt.py); ``best.pt`` the weights
+of the best validation top-1. Everything is plain tensors / numbers / lists / dicts (loads with
+``weights_only=True``), written atomically by rank 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from train import checkpoint as ckpt
+from train import distributed
+from train.config import ConfigError
+from train.preempt import EpochPosition
+
+
+def public_metrics(metrics: dict[str, Any] | None) -> dict[str, float] | None:
+    """The ``{"top1", "top5", "loss"}`` of a split's metrics (what summary.json and best.pt keep)."""
+    if metrics is None:
+        return None
+    return {"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"]}
+
+
+class RunCheckpoints:
+    """Mixin of :class:`train.run.Run`: it uses the run's parts (net, state, loaders, book, folder, signals)."""
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from ``last.pt``: weights, optimizer, scaler, schedule, step, bookkeeping, RNG streams."""
+        state, env = self.state, self.env
+        self.net.load_state_dict(checkpoint["model"])
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+        if state.scaler is not None and checkpoint.get("scaler"):
+            state.scaler.load_state_dict(checkpoint["scaler"])
+        state.schedule.load_state_dict(checkpoint["schedule"])
+        if self.cuda_graphs:  # the captured step reads the learning rate from a device tensor, whatever was saved
+            for group in state.optimizer.param_groups:
+                group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32).to(self.device).clone()
+        state.global_step = int(checkpoint["global_step"])
+        self.book.update(checkpoint["book"])
+        self.conv1 = dict(checkpoint.get("conv1", self.conv1))
+        ranks, position = len(checkpoint["rng"]), checkpoint.get("position")
+        if ranks == env.world_size:  # same number of ranks: continue every stream exactly
+            ckpt.set_rng_state(checkpoint["rng"][env.rank])
+            self.train_loader.load_state_dict((checkpoint.get("loaders") or [{}] * ranks)[env.rank])
+        elif position is not None:  # the batch index and the partial sums are per rank: no exact continuation
+            raise ConfigError(
+                f"--resume: {self.folder / 'last.pt'} was saved inside epoch {position['epoch'] + 1} by {ranks} "
+                f"process(es); resume it with {ranks} (torchrun --nproc_per_node), or wait for an epoch-end checkpoint"
+            )
+        else:  # another world size: fresh per-rank streams (the loaders' shuffles depend only on seed and epoch)
+            ckpt.seed_all(distributed.rank_seed(int(self.config["seed"]), env.rank, self.book["epoch"]))
+            self.say(f"resuming {ranks}-rank checkpoint on {env.world_size} rank(s): RNG reseeded per rank")
+        where = f"epoch {self.book['epoch']}"
+        if position is not None:
+            self.boundary.resume = EpochPosition(**position["ranks"][env.rank])
+            where = f"epoch {position['epoch'] + 1} batch {position['batch']}/{len(self.train_loader)}"
+        self.say(f"resumed {self.folder / 'last.pt'} at {where} (step {state.global_step})")
+
+    def save(
+        self,
+        improved: bool,
+        val_metrics: dict[str, Any] | None,
+        position: EpochPosition | None = None,
+        force_last: bool = False,
+    ) -> None:
+        """last.pt every epoch (with every rank's RNG state and loader streams), best.pt on improvement; with a
+        ``position``, last.pt inside an epoch (always written: a preemption or ``every_steps``). Rank 0 writes."""
+        mine = {
+            "rng": ckpt.rng_state(),
+            "loader": self.train_loader.state_dict(),
+            "position": position.as_dict() if position is not None else None,
+        }
+        ranks = distributed.gather_objects(mine, self.env)  # collective: every rank calls it
+        if not self.env.is_main:
+            return
+        saving = self.config["checkpoint"]
+        self.boundary.signal_in_save()  # test hook: a second signal while this checkpoint is written
+        with self.signals.deferred_interrupt():
+            self._write(ranks, improved, val_metrics, position, saving["save_last"] or force_last or bool(position))
+
+    def save_position(self, position: EpochPosition) -> None:
+        """The mid-epoch checkpoint of :class:`train.preempt.StepBoundary` (signal or ``every_steps``)."""
+        self.save(False, None, position)
+        what = f"preempted ({self.signals.name})" if self.signals.requested else "checkpoint"
+        self.say(
+            f"{what} at step {self.state.global_step} (epoch {position.epoch + 1}, batch {position.batch}/"
+            f"{len(self.train_loader)}): {self.folder / 'last.pt'}"
+        )
+
+    def _write(
+        self,
+        ranks: list[dict[str, Any]],
+        improved: bool,
+        val_metrics: dict[str, Any] | None,
+        position: EpochPosition | None,
+        write_last: bool,
+    ) -> None:
+        state, folder, saving = self.state, self.folder, self.config["checkpoint"]
+        if write_last:
+            ckpt.atomic_save(
+                {
+                    "model": ckpt.model_state(self.net),
+                    "optimizer": state.optimizer.state_dict(),
+                    "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+                    "schedule": state.schedule.state_dict(),
+                    "global_step": state.global_step,
+                    "book": self.book,
+                    "conv1": self.conv1,
+                    "rng": [rank["rng"] for rank in ranks],
+                    "loaders": [rank["loader"] for rank in ranks],  # backend streams (DALI's RNGs), per rank
+                    # inside an epoch: where each rank stands (None: at the end of epoch book["epoch"])
+                    "position": None
+                    if position is None
+                    else {
+                        "epoch": position.epoch,
+                        "batch": position.batch,
+                        "ranks": [rank["position"] for rank in ranks],
+                    },
+                    "config": self.config,
+                },
+                folder / "last.pt",
+            )
+        if improved and saving["save_best"]:
+            best = {
+                "model": ckpt.model_state(self.net),
+                "epoch": self.book["epoch"],
+                "val": public_metrics(val_metrics),
+            }
+            ckpt.atomic_save(best, folder / "best.pt")
+        if saving["save_conv1"] and position is None:
+            ckpt.save_conv1(folder / "conv1.pt", self.conv1)
+
+    def _write_record(self) -> None:
+        """Debug trace (``training.record_samples``): per rank, the (label, pixel sum) of every training sample
+        seen and the final flat parameters; gathered to rank 0, written to ``samples.pt``."""
+        record = self.record or []
+        mine = {
+            "samples": torch.cat(record) if record else torch.empty(0, 2, dtype=torch.float64),
+            "params": torch.cat([p.detach().cpu().double().flatten() for p in self.net.parameters()]),
+        }
+        everyone = distributed.gather_objects(mine, self.env)
+        if self.env.is_main:
+            ckpt.atomic_save({"ranks": everyone}, self.folder / "samples.pt")
