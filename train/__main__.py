@@ -18,7 +18,16 @@ from pathlib import Path
 START = time.perf_counter()  # wall time counts from here (start-up included)
 _UNCLAIMED_START = [START]  # only the first main() of a process counts from import; later calls from their own start
 
-from train.config import DATASETS, MODELS, ConfigError, apply_overrides, defaults, load_config, merge  # noqa: E402
+from train.config import (  # noqa: E402
+    DATASETS,
+    MODELS,
+    ConfigError,
+    apply_overrides,
+    defaults,
+    load_config,
+    merge,
+    option_overrides,
+)
 
 LOADERS = ("torch", "dali", "ffcv", "gpu", "auto")
 DEFAULT_JOB = ("synthetic", "alexnet", "default")
@@ -106,14 +115,7 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, str, dict, bool]:
     else:
         dataset, model, exp = positional
     cli = list(args.overrides)
-    if args.loader:
-        cli.append(f"data.loader={args.loader}")
-    if args.data_dir:
-        cli.append(f"data.path={json.dumps(args.data_dir)}")
-    if args.device:
-        cli.append(f"device={args.device}")
-    if args.epochs is not None:
-        cli.append(f"training.epochs={args.epochs}")
+    cli += option_overrides(loader=args.loader, data_dir=args.data_dir, device=args.device, epochs=args.epochs)
     if args.resume:
         runs_dir = load_config(dataset, model, cli)["logging"]["runs_dir"]  # where the run folder is
         config = _saved_config(Path(runs_dir) / exp, dataset, model)

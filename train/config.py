@@ -301,6 +301,23 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, parse_value(text)
 
 
+def option_overrides(
+    *, loader: str | None = None, data_dir: str | None = None, device: str | None = None, epochs: int | None = None
+) -> list[str]:
+    """The ``key=value`` overrides that the command-line options ``--loader``, ``--data-dir``, ``--device`` and
+    ``--epochs`` stand for (shared by ``python -m train`` and ``python -m train.study``)."""
+    items = []
+    if loader:
+        items.append(f"data.loader={loader}")
+    if data_dir:
+        items.append(f"data.path={json.dumps(data_dir)}")
+    if device:
+        items.append(f"device={device}")
+    if epochs is not None:
+        items.append(f"training.epochs={epochs}")
+    return items
+
+
 def apply_overrides(config: dict[str, Any], overrides: Iterable[str], schema: Mapping[str, Any] | None = None) -> None:
     """Apply ``key=value`` strings to ``config`` in place."""
     schema = schema if schema is not None else defaults()

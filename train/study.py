@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.config import DATASETS, MODELS, ConfigError, load_config, parse_override
+from train.config import DATASETS, MODELS, ConfigError, load_config, option_overrides, parse_override
 
 DN_TYPES = ("nonorm", "ours", "ken")
 BATCHNORM = {"on": True, "off": False}
@@ -124,13 +124,8 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[StudyRun]]:
         raise ConfigError("--seeds, --parallel and --report-batch must be >= 1")
     dns = _choices(args.dn, DN_TYPES, "--dn")
     norms = _choices(args.batchnorm, BATCHNORM, "--batchnorm")
-    common = list(args.overrides) + ["runs=1", f"data.loader={args.loader}"]
-    if args.data_dir:
-        common.append(f"data.path={json.dumps(args.data_dir)}")
-    if args.device:
-        common.append(f"device={args.device}")
-    if args.epochs is not None:
-        common.append(f"training.epochs={args.epochs}")
+    common = list(args.overrides) + ["runs=1"]
+    common += option_overrides(loader=args.loader, data_dir=args.data_dir, device=args.device, epochs=args.epochs)
     variants = {}
     for norm in norms:
         for dn in dns:
