@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.loop import TrainState, _check_finite, synchronize
+from train.loop import TrainState, _check_finite, epoch_result, synchronize
 from train.metrics import MetricSums
 from train.preempt import EpochPosition, StepBoundary
 
@@ -217,20 +217,9 @@ def train_one_epoch_graphed(
     synchronize(state.device)
     seconds = time.perf_counter() - start
     _check_finite(steps.first_bad, state, epoch)
-    result = steps.sums.result(state.env)
-    timed = max(seconds - compile_seconds, 1e-9)
-    timed_images = max(result["samples"] - compile_samples, 0)
-    result.update(
-        seconds=seconds,
-        data_seconds=0.0,  # the batch is built inside the step
-        compute_seconds=max(seconds - compile_seconds, 0.0),
-        compile_seconds=compile_seconds,
-        timed_samples=timed_images,
-        images_per_second=timed_images / timed if timed_images else result["samples"] / max(seconds, 1e-9),
-        steps=done if preempted else total,
-        lr=float(state.optimizer.param_groups[0]["lr"]),
-        preempted=preempted,
-    )
+    taken = done if preempted else total
+    # no data wait: the batch is built inside the step
+    result = epoch_result(state, steps.sums, seconds, 0.0, compile_seconds, compile_samples, taken, preempted)
     if progress is not None:
         progress(total, total, result["images_per_second"])
     return result

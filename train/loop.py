@@ -153,10 +153,28 @@ def train_one_epoch(
     synchronize(device)
     seconds = time.perf_counter() - start
     _check_finite(first_bad, state, epoch)
+    result = epoch_result(state, sums, seconds, data_seconds, compile_seconds, compile_samples, steps, preempted)
+    if progress is not None:
+        progress(steps, total, result["images_per_second"] / state.env.world_size)
+    return result
+
+
+def epoch_result(
+    state: TrainState,
+    sums: MetricSums,
+    seconds: float,
+    data_seconds: float,
+    compile_seconds: float,
+    compile_samples: int,
+    steps: int,
+    preempted: bool,
+) -> dict[str, Any]:
+    """An epoch's metrics line: loss / top-1 / top-5 over all ranks (one sync), timing and throughput, the steps
+    taken and the last learning rate. The steps that compiled are left out of images/s (their time and images)."""
     result = sums.result(state.env)
     images_total = result["samples"]  # all ranks together
     timed = max(seconds - compile_seconds, 1e-9)
-    # the compiling steps are left out of images/s (on every rank alike, so the world's share is scaled)
+    # the compiling steps happen on every rank alike, so the world's share is scaled
     timed_images = images_total - compile_samples * state.env.world_size
     result.update(
         seconds=seconds,
@@ -169,8 +187,6 @@ def train_one_epoch(
         lr=float(state.optimizer.param_groups[0]["lr"]),  # a device tensor under CUDA graphs
         preempted=preempted,
     )
-    if progress is not None:
-        progress(steps, total, result["images_per_second"] / state.env.world_size)
     return result
 
 
