@@ -34,8 +34,10 @@ CARD_KEYS = ("model", "num_classes", "layout", "model_config")
 def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
     """A trainer checkpoint (``best.pt``, ``last.pt``) loaded with ``weights_only=True`` onto the CPU.
 
-    A file holding more than tensors and plain containers (a ``last.pt`` with NumPy RNG states) is refused by
-    torch; that becomes a :class:`ValueError` saying so in one line.
+    A file holding more than tensors and plain containers (a planted pickle, or a ``last.pt`` of the trainer's
+    first format with NumPy RNG states: ``python -m train.checkpoint upgrade`` converts those) is refused by torch;
+    that becomes a :class:`ValueError` saying so in one line. (``models`` cannot import the trainer's
+    :func:`train.checkpoint.load`, which converts the first format in memory.)
     """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

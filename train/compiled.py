@@ -101,7 +101,7 @@ class CompileGuard:
         is synchronized and timed as compile time. Any exception on such a call is taken as a compile failure:
         warn once, switch to eager, rerun ``work`` eagerly (a genuine error then raises from the eager run).
         """
-        if not self.enabled or self.error is not None or key in self._seen:
+        if not self.compiled or key in self._seen:
             return work(self.model), 0.0
         _synchronize(self.device)
         start = time.perf_counter()

@@ -110,6 +110,7 @@ class Run(RunCheckpoints):
         self.folder = Path(self.config["logging"]["runs_dir"]) / request.exp
         self.book = new_book()
         self.record: list[torch.Tensor] | None = [] if self.training["record_samples"] else None
+        self.board: TensorBoardLog | None = None  # opened by begin()
         self.signals = StopSignals()
         every_steps = self.config["checkpoint"]["every_steps"]
         self.boundary = StepBoundary(env, self.signals, every_steps, self.save_position, say)
@@ -131,7 +132,7 @@ class Run(RunCheckpoints):
             summary = self.finish(stop_reason)
             self.board.log_test(summary)
         finally:
-            if hasattr(self, "board"):
+            if self.board is not None:
                 self.board.close()
         if self.record is not None:
             self._write_record()
