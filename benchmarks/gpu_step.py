@@ -21,6 +21,13 @@ item, so a killed run keeps what it measured. Needs neither DALI nor FFCV.
 
     python benchmarks/gpu_step.py --out DIR [--time-cap 230] [--parts layer,models]
     python benchmarks/gpu_step.py --out DIR --dry-run   # on the CPU: tiny shapes, eager, a few iterations
+
+Compiling is most of the run's time on a fresh machine (ResNet-50 a minute or more, each shape of the layer
+seconds). ``--warm-cache`` compiles instead of measuring: the compiled items only (and the Triton kernel), one call
+each, which fills inductor's on-disk caches (FX graph, AOTAutograd, Triton kernels). Several such processes split
+by ``--models`` / ``--divnorms`` / ``--shapes`` run side by side, and the measuring run after them then compiles
+from the cache (its ``compile_seconds`` are then warm; the warm runs' own are the cold ones).
+benchmarks/gpu/device_session.sh does this (``STEP_WARM=1``).
 """
 
 from __future__ import annotations
@@ -265,6 +272,8 @@ def bench_layer(shape, device, dtype, args, budget: Budget, kernel_ok: tuple[boo
             lambda: BatchNormReLU(channels), shape, dtype, device, args, compiled=True
         ),
     }
+    if args.warm_cache:  # only what compiles (the Triton kernel's JIT included)
+        variants = {name: work for name, work in variants.items() if "compiled" in name or "triton" in name}
     for name, work in variants.items():
         entry["variants"][name] = budget.run(work)
         entry["variants"][name]["kernel"] = {"ours_triton": "triton"}.get(name, "torch" if "ours" in name else None)
@@ -325,6 +334,8 @@ def bench_models(device, args, budget: Budget, result: dict[str, Any]) -> None:
             continue
         for dn, compiled in order:
             divnorm = "ours" if dn else "nonorm"
+            if divnorm not in args.divnorms or (args.warm_cache and not compiled):
+                continue
             record: dict[str, Any] = {
                 "model": name,
                 "resolution": size,
@@ -534,20 +545,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=None, help="layer calls per repeat (default 10, dry run 2)")
     p.add_argument("--model-calls", type=int, default=None, help="training steps per repeat (default 4, dry run 1)")
     p.add_argument("--copy-gib", type=float, default=None, help="size of the bandwidth copy (default 4, dry run 0.01)")
+    p.add_argument("--divnorms", default="nonorm,ours", help="comma list of nonorm, ours (the models part)")
+    p.add_argument("--shapes", default=None, help="comma list of stage-shape indices for the layer part (default all)")
+    p.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="fill the compile caches: compiled items (and the Triton kernel) only, one call each, no copy",
+    )
     args = p.parse_args(argv)
     dry = args.dry_run
-    args.warmup = args.warmup or (1 if dry else 3)
-    args.repeats = args.repeats or (2 if dry else 15)
-    args.calls = args.calls or (2 if dry else 10)
-    args.model_calls = args.model_calls or (1 if dry else 4)
+    warm = args.warm_cache
+    args.warmup = args.warmup or (1 if dry or warm else 3)
+    args.repeats = args.repeats or (1 if warm else 2 if dry else 15)
+    args.calls = args.calls or (1 if warm else 2 if dry else 10)
+    args.model_calls = args.model_calls or (1 if dry or warm else 4)
     args.copy_gib = args.copy_gib or (0.01 if dry else 4.0)
     args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
-    bad = [x for x in args.parts if x not in ("layer", "models")] + [
-        x for x in args.models if x not in ("resnet50", "resnet18")
-    ]
+    args.divnorms = [name.strip() for name in args.divnorms.split(",") if name.strip()]
+    bad = (
+        [x for x in args.parts if x not in ("layer", "models")]
+        + [x for x in args.models if x not in ("resnet50", "resnet18")]
+        + [x for x in args.divnorms if x not in ("nonorm", "ours")]
+    )
     if bad:
-        p.error(f"unknown part or model {', '.join(bad)}; --parts takes layer,models and --models resnet50,resnet18")
+        p.error(
+            f"unknown part, model or divnorm {', '.join(bad)}; --parts takes layer,models, --models "
+            "resnet50,resnet18 and --divnorms nonorm,ours"
+        )
+    shapes = DRY_SHAPES if dry else STAGE_SHAPES
+    try:
+        indices = [int(i) for i in args.shapes.split(",") if i.strip()] if args.shapes else range(len(shapes))
+        args.shapes = [shapes[i] for i in indices]
+    except (ValueError, IndexError):
+        p.error(f"--shapes takes indices 0..{len(shapes) - 1} of {shapes}, not {args.shapes!r}")
     return args
 
 
@@ -585,16 +616,19 @@ def main(argv: list[str] | None = None) -> int:
             "passes_for_floor": PASSES,
         },
         "kernel_key_supported": kernel_ok[0],
+        "warm_cache": args.warm_cache,
         "copy": {},
         "layer": [],
         "models": [],
         "started_monotonic": time.monotonic(),
     }
     try:
-        result["copy"] = budget.run(lambda: copy_bandwidth(device, args.copy_gib, args))
-        args.bandwidth_gbps = result["copy"].get("gb_per_second")
-        yield_progress(args, "copy bandwidth", result["copy"])
-        shapes = DRY_SHAPES if args.dry_run else STAGE_SHAPES
+        args.bandwidth_gbps = None
+        if not args.warm_cache:
+            result["copy"] = budget.run(lambda: copy_bandwidth(device, args.copy_gib, args))
+            args.bandwidth_gbps = result["copy"].get("gb_per_second")
+            yield_progress(args, "copy bandwidth", result["copy"])
+        shapes = args.shapes
         # the headline shape first, then the models, then the other shapes: the targets' figures first
         if "layer" in args.parts:
             result["layer"].append(bench_layer(shapes[0], device, dtype, args, budget, kernel_ok))

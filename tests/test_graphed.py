@@ -31,9 +31,12 @@ def resident_loader(device: torch.device, batch: int = 32, subset: int = 160) ->
     return build_loader("gpu", spec)
 
 
-def make_state(net: nn.Module, device: torch.device, *, lr_on_device: bool, fused: bool = False, amp=None):
+def make_state(
+    net: nn.Module, device: torch.device, *, lr_on_device: bool, fused: bool = False, amp=None, optimizer: str = "sgd"
+):
     cfg = load_config("synthetic", "alexnet")
-    optimizer = build_optimizer(net, cfg["optimizer"], 0.05, fused=fused, lr_on_device=lr_on_device)
+    options = {**cfg["optimizer"], "name": optimizer}
+    optimizer = build_optimizer(net, options, 0.05, fused=fused, lr_on_device=lr_on_device)
     # cosine: the learning rate changes every step, so a stale (captured) value would show
     schedule = LrSchedule(optimizer, {**cfg["lr_scheduler"], "name": "cosine", "t_max": 3}, 0.05, 3, 5)
     return TrainState(net, optimizer, schedule, nn.CrossEntropyLoss(), device, DistributedEnv(), amp,
@@ -60,6 +63,41 @@ def test_the_step_code_trains_exactly_like_the_loop_on_cpu():
     assert loop_state.global_step == graph_state.global_step == 10 and int(steps.global_step) == 10
     for (name, a), b in zip(reference.state_dict().items(), graphed_net.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_failed_capture_goes_on_uncaptured_or_raises_when_strict():
+    """The capture itself fails (on the CPU: no CUDA graph can be made; on a GPU e.g. an op that syncs): under
+    ``auto`` the step runs uncaptured, the same as the ordinary step, with one line naming the error; under
+    ``training.cuda_graphs=true`` the error is raised with its cause."""
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    reference, net = small_net(), small_net()
+    net.load_state_dict(reference.state_dict())
+    lines: list[str] = []
+    steps = GraphedSteps(make_state(net, device, lr_on_device=True), resident_loader(device), capture=False,
+                         say=lines.append)  # fmt: skip
+    steps.start_epoch(0)
+    assert steps._capture_and_replay() >= 0.0
+    assert steps.graph is None and not steps.capture and steps.fallback_error
+    assert len(lines) == 1 and "capturing the training step failed" in lines[0] and steps.fallback_error in lines[0]
+    assert steps.describe() == {"captured": False, "capture_seconds": 0.0, "fallback_error": steps.fallback_error}
+    assert int(steps.step_index) == 1 and int(steps.global_step) == 1  # the step ran once, uncaptured
+    loop = make_state(reference, device, lr_on_device=True)
+    loader = resident_loader(device)
+    loader.set_epoch(0)
+    images, labels = next(iter(loader))
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.criterion(reference(images), labels).backward()
+    loop.optimizer.step()
+    for (name, a), b in zip(reference.state_dict().items(), net.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    strict = GraphedSteps(make_state(small_net(), device, lr_on_device=True), resident_loader(device),
+                          capture=False, strict=True)  # fmt: skip
+    strict.start_epoch(0)
+    with pytest.raises(RuntimeError, match="cuda_graphs=true: capturing the training step failed") as raised:
+        strict._capture_and_replay()
+    assert raised.value.__cause__ is not None and int(strict.step_index) == 0
 
 
 def test_the_step_code_stops_at_a_signal_and_resumes_exactly(monkeypatch):
@@ -153,12 +191,15 @@ def test_cuda_graphs_true_without_a_gpu_is_one_line_and_auto_says_why(tmp_path, 
     assert out.count("cuda graphs off: CUDA graphs need a CUDA device") == 1
     config = json.loads((tmp_path / "g" / "config.json").read_text())
     assert config["training"]["cuda_graphs"] == "auto"
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert summary["cuda_graphs"] == {"setting": "auto", "enabled": False}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, True])
-def test_captured_steps_match_eager_steps_on_cuda(compiled):
-    """Same seed, same batches: N steps replayed from the graph vs the same steps eagerly (bf16 tolerance)."""
+@pytest.mark.parametrize(("compiled", "optimizer"), [(False, "sgd"), (True, "sgd"), (False, "adamw")])
+def test_captured_steps_match_eager_steps_on_cuda(compiled, optimizer):
+    """Same seed, same batches: N steps replayed from the graph vs the same steps eagerly (bf16 tolerance); fused
+    AdamW is captured too (its step counter on the device: capturable)."""
     from train.compiled import CompileGuard
 
     device = torch.device("cuda")
@@ -167,9 +208,9 @@ def test_captured_steps_match_eager_steps_on_cuda(compiled):
     nets[1].load_state_dict(nets[0].state_dict())
     results = []
     for net, capture in zip(nets, (False, True)):
-        state = make_state(net, device, lr_on_device=True, fused=True, amp=torch.bfloat16)
+        state = make_state(net, device, lr_on_device=True, fused=True, amp=torch.bfloat16, optimizer=optimizer)
         state.compiler = CompileGuard(net, enabled=compiled, device=device, say=print)
-        steps = GraphedSteps(state, resident_loader(device), capture=capture)
+        steps = GraphedSteps(state, resident_loader(device), capture=capture, strict=True)
         results.append([train_one_epoch_graphed(state, steps, epoch) for epoch in range(3)])
         assert (steps.graph is not None) == capture
     for want, got in zip(*results):
@@ -185,3 +226,4 @@ def test_trainer_uses_cuda_graphs_on_the_resident_loader(tmp_path):
     assert main(argv) == 0
     summary = json.loads((tmp_path / "cg" / "summary.json").read_text())
     assert summary["test"] is not None and summary["epochs"] == 2
+    assert summary["cuda_graphs"]["captured"] and summary["cuda_graphs"]["fallback_error"] is None

@@ -73,10 +73,23 @@ class GraphedSteps:
         loader: the tensor-resident training loader (``epoch_plan`` / ``make_batch``).
         capture: capture a CUDA graph after :data:`WARMUP_STEPS` eager steps; ``False`` runs the same step code
             eagerly (CPU tests).
+        strict: a capture that fails raises (``training.cuda_graphs=true``); otherwise (``auto``) the run goes on
+            with uncaptured steps after one line naming the error.
+        say: where that line goes.
     """
 
-    def __init__(self, state: TrainState, loader: Any, *, capture: bool = True) -> None:
+    def __init__(
+        self,
+        state: TrainState,
+        loader: Any,
+        *,
+        capture: bool = True,
+        strict: bool = False,
+        say: Callable[[str], None] = print,
+    ) -> None:
         self.state, self.loader, self.capture = state, loader, capture
+        self.strict, self.say = strict, say
+        self.fallback_error: str | None = None  # why a failed capture left the run on uncaptured steps
         device = state.device
         self.batch, self.steps = loader.batch_size, len(loader)
         rows = self.batch * self.steps
@@ -161,14 +174,38 @@ class GraphedSteps:
         start = time.perf_counter()
         model = state.compiler.model if state.compiler is not None else state.model
         state.optimizer.zero_grad(set_to_none=True)  # backward allocates the grads inside the graph's pool
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(model)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(model)
+        except Exception as error:  # noqa: BLE001 - auto falls back to the same step uncaptured, never a crash
+            return self._fall_back(error, start)
         graph.replay()  # the capture recorded the step without running it
         synchronize(state.device)
         self.graph = graph
         self.capture_seconds = time.perf_counter() - start
         return self.capture_seconds
+
+    def _fall_back(self, error: Exception, start: float) -> float:
+        """A capture failed: nothing of it ran on the device (a capture records, it does not execute), so this
+        step runs again uncaptured and so do the rest; ``strict`` raises instead."""
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        if self.strict:
+            raise RuntimeError(f"training.cuda_graphs=true: capturing the training step failed ({reason})") from error
+        self.fallback_error = reason[:300]
+        self.say(f"cuda graphs off: capturing the training step failed ({self.fallback_error}); uncaptured steps")
+        self.capture = False
+        synchronize(self.state.device)
+        self.state.call(self._eager_step, ("train", (self.batch,)))
+        return time.perf_counter() - start
+
+    def describe(self) -> dict[str, Any]:
+        """The ``cuda_graphs`` entry of ``summary.json``."""
+        return {
+            "captured": self.graph is not None,
+            "capture_seconds": round(self.capture_seconds, 3),
+            "fallback_error": self.fallback_error,
+        }
 
 
 def train_one_epoch_graphed(

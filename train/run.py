@@ -200,7 +200,10 @@ class Run(RunCheckpoints):
             max(int(config["logging"]["refresh_steps"]), 1),
             compiler=self.compiler,
         )
-        self.graphed = GraphedSteps(self.state, self.train_loader) if self.cuda_graphs else None
+        self.graphed = None
+        if self.cuda_graphs:
+            strict = self.training["cuda_graphs"] is True
+            self.graphed = GraphedSteps(self.state, self.train_loader, strict=strict, say=self.say)
         self.conv1 = {"initial": ckpt.conv1_weight(net)}
         return checkpoint
 
@@ -355,6 +358,8 @@ class Run(RunCheckpoints):
             "amp": amp_name(self.amp_dtype),
             "compile": self.compiler.describe(self.training["compile"]),
             "compile_seconds": book["compile_seconds"],
+            "cuda_graphs": {"setting": self.training["cuda_graphs"], "enabled": self.graphed is not None}
+            | (self.graphed.describe() if self.graphed is not None else {}),
             "epochs": book["epoch"],
             "epochs_planned": int(config["training"]["epochs"]),
             "best_epoch": book["best_epoch"],

@@ -76,8 +76,8 @@ def build_optimizer(
     groups = parameter_groups(model, cfg["weight_decay"], cfg["no_weight_decay_on_norm"])
     name = cfg["name"]
     options: dict[str, Any] = {"fused": True} if fused else {}
+    device = next((p.device for group in groups for p in group["params"]), torch.device("cpu"))
     if lr_on_device:
-        device = next((p.device for group in groups for p in group["params"]), torch.device("cpu"))
         for group in groups:
             group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
     if name == "sgd":
@@ -87,9 +87,14 @@ def build_optimizer(
         )
     betas = (cfg["beta1"], cfg["beta2"])
     optimizer_class = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    if lr_on_device and not fused:
-        options["capturable"] = True  # Adam's step counter on the device as well
-    return optimizer_class(groups, lr=lr, betas=betas, eps=cfg["eps"], amsgrad=cfg["amsgrad"], **options)
+    capturable = lr_on_device and device.type == "cuda"  # (CPU tests run the step code uncaptured)
+    if capturable:
+        # Adam's step counter on the device as well; fused or not, a captured step() checks for capturable=True
+        options["capturable"] = True
+    optimizer = optimizer_class(groups, lr=lr, betas=betas, eps=cfg["eps"], amsgrad=cfg["amsgrad"], **options)
+    if capturable:  # its warm-up steps run uncaptured on purpose: not worth torch's one-time warning
+        optimizer._warned_capturable_if_run_uncaptured = True
+    return optimizer
 
 
 class LrSchedule:

@@ -25,9 +25,15 @@
 #   arguments (e.g. "--parts models" or "--models resnet50" to split it over two calls). Add "tests" (with
 #   TEST_CAP) for the GPU tests in the same call when the budget allows; DALI and the sample tree are set up only
 #   for the steps that read data.
-# Issues 18 + 19 in one session (no staging): call 1 `STEPS="step"` (timeout_s 300), call 2 at once
-#   `STEPS="recipe tests" COPIES=1 TEST_CAP=200 PYTEST_K="graphed or kernel or compile or train_run"` (timeout_s 520):
-#   recipe: the 90-epoch AlexNet-DN recipe (cuda graphs + compile by default) into $OUT/recipe-alexnet-dn/.
+# Issues 18 + 19 in one call (no staging, nothing carried; ~8 of the 15 device-minutes with the start):
+#   OUT=$OUT STEPS="gputests compare step recipe" bash benchmarks/gpu/device_session.sh   (timeout_s ~560)
+#   phase 1, untimed, side by side (~170 s): the GPU tests without DALI / FFCV (GPUTEST_CAP), the compile-cache
+#   warm-up of gpu_step.py (5 processes, WARM_CAP) and the capture-vs-uncaptured accuracy check (compare: two
+#   COMPARE_EPOCHS runs, COMPARE_CAP each); then, alone on the machine, the timed step (STEP_CAP, ~180 s) and the
+#   90-epoch AlexNet-DN recipe (RECIPE_CAP, cuda graphs + compile by default). Everything comes back packed in
+#   $OUT/session.tar.gz (step/, step-warm/, compare/, recipe-alexnet-dn/, pytest-gpu.*) beside log.txt.
+#   CPU check of the mechanics: OUT=/tmp/ds STEPS="gputests compare step recipe" RECIPE_DEVICE=cpu COMPARE_EPOCHS=3
+#   RECIPE_EPOCHS=1 RECIPE_EXTRA="data.subset=256 data.image_size=16" STEP_ARGS=--dry-run PY=.venv/bin/python
 set -u
 OUT=${OUT:-/tmp/gpu-session}
 PY=${PY:-python3}
@@ -40,7 +46,7 @@ DEVICES=${DEVICES:-gpu}
 DALI_DECODE=${DALI_DECODE:-auto}
 STEP_CAP=${STEP_CAP:-240}
 STEP_ARGS=${STEP_ARGS:-}
-STEPS=${STEPS:-"tests train bench"}  # any of: step recipe tests bgtests train bench decode hwdec ffcv dn
+STEPS=${STEPS:-"tests train bench"}  # any of: gputests compare step recipe tests bgtests train bench decode hwdec ffcv dn
 # bgtests: the GPU tests in a background process session (setsid) that outlives the call, for a machine kept warm
 # by the next calls (e.g. the transfers of DALI's parts); the next call's tests / train / bench steps wait for it
 # (at most BG_WAIT s) and copy its log. PYTEST_K: a -k filter for the GPU tests; BENCH_ROOT: where benchmark folders go (default: packed into bench.tar.gz)
@@ -48,6 +54,7 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 any_of() { local name; for name in "$@"; do has "$name" && return 0; done; return 1; }
 # steps that read images (DALI, FFCV, the sample tree) or may import DALI (the GPU tests' DALI cases)
 needs_data() { any_of tests bgtests train bench decode hwdec ffcv dn; }
+# (step, recipe, compare and gputests need none of it: a call of only those ends after them)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -61,12 +68,73 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 echo "cpus: $(nproc)"; $PY -V
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
 
+# ---- phase 1, nothing timed (STEPS gputests / compare / step with STEP_WARM=1): side by side -------------------
+# gputests: the GPU tests that need neither DALI, FFCV nor data (`-m gpu`, DALI / FFCV cases deselected), in the
+#   background; compare: the recipe's capture-vs-uncaptured accuracy check, shortened (COMPARE_EPOCHS, default 9,
+#   steplr every COMPARE_EPOCHS/3), both runs from the same seed and data; step + STEP_WARM=1 (default): gpu_step.py
+#   --warm-cache processes that compile every compiled item once, so the timed run after them compiles from the cache.
+# Everything of these steps lands in $KEEP and is packed into $OUT/session.tar.gz after each step (a call brings
+# back 8 files at most; a killed call still brings the last pack and log.txt).
+KEEP=$work/keep
+mkdir -p "$KEEP"
+pack() { tar -czf "$OUT/session.tar.gz.tmp" -C "$KEEP" . 2>/dev/null && mv "$OUT/session.tar.gz.tmp" "$OUT/session.tar.gz"; }
+bg=()
+if has gputests; then
+  step "GPU tests (no DALI / FFCV / data), in the background"
+  (timeout "${GPUTEST_CAP:-170}" $PY -m pytest -m gpu -v -p no:cacheprovider --timeout 120 -o addopts=-ra \
+     -k "not dali and not ffcv${PYTEST_K:+ and ($PYTEST_K)}" tests/test_graphed.py tests/test_divnorm_kernel.py \
+     tests/test_train_run.py tests --junitxml="$KEEP/pytest-gpu.xml" >"$KEEP/pytest-gpu.txt" 2>&1
+   echo "pytest exit $?" >>"$KEEP/pytest-gpu.txt") &
+  bg+=($!)
+fi
+if has step && [ "${STEP_WARM:-1}" = 1 ]; then
+  step "compile-cache warm-up: gpu_step.py --warm-cache, 5 processes"
+  warm() { local name=$1; shift
+    (timeout "${WARM_CAP:-150}" $PY benchmarks/gpu_step.py --warm-cache --out "$KEEP/step-warm/$name" \
+       --time-cap $((${WARM_CAP:-150} - 5)) --item-cap 140 "$@" >"$KEEP/step-warm/$name.txt" 2>&1
+     echo "warm $name exit $?" >>"$KEEP/step-warm/$name.txt") &
+    bg+=($!)
+  }
+  mkdir -p "$KEEP/step-warm"
+  warm r50-nonorm --parts models --models resnet50 --divnorms nonorm
+  warm r50-ours --parts models --models resnet50 --divnorms ours
+  warm r18 --parts models --models resnet18
+  warm layer-01 --parts layer --shapes 0,1
+  warm layer-23 --parts layer --shapes 2,3
+fi
+if has compare; then
+  step "compare: capture vs uncaptured, ${COMPARE_EPOCHS:-9} epochs of the recipe each, same seed"
+  ce=${COMPARE_EPOCHS:-9}
+  for graphs in auto false; do
+    timeout "${COMPARE_CAP:-80}" $PY -m train synthetic alexnet "compare-graphs-$graphs" data.synthetic_size=40000 \
+      data.workers=4 data.eval_batch_size=null optimizer.weight_decay=0.0001 optimizer.no_weight_decay_on_norm=false \
+      lr_scheduler.name=steplr lr_scheduler.step_size=$((ce / 3)) lr_scheduler.gamma=0.1 --loader gpu \
+      --device "${RECIPE_DEVICE:-cuda}" --epochs "$ce" --overwrite model.divnorm_specs.type=ours data.batch_size=128 \
+      training.cuda_graphs=$graphs logging.progress_bar=off logging.runs_dir="$work/compare-runs" ${RECIPE_EXTRA:-} \
+      >"$work/compare-$graphs.txt" 2>&1
+    echo "compare $graphs exit $?" >>"$work/compare-$graphs.txt"; tail -2 "$work/compare-$graphs.txt"
+    mkdir -p "$KEEP/compare/$graphs"
+    cp "$work/compare-$graphs.txt" "$KEEP/compare/$graphs/log.txt"
+    cp "$work/compare-runs/compare-graphs-$graphs"/{config.json,metrics.jsonl,summary.json} "$KEEP/compare/$graphs/" \
+      2>/dev/null
+  done
+  pack
+fi
+if [ ${#bg[@]} -gt 0 ]; then
+  step "waiting for ${#bg[@]} background process(es)"
+  wait "${bg[@]}"
+  has gputests && tail -15 "$KEEP/pytest-gpu.txt"
+  has step && tail -qn 2 "$KEEP"/step-warm/*.txt 2>/dev/null
+  pack
+fi
+
 if has step; then
   step "the GPU step: DN layer vs BatchNorm+ReLU and the floor, ResNets with and without DN, eager and compiled"
   # needs neither DALI nor FFCV nor data; the script's own time cap stops starting items 15 s before this one
-  timeout "$STEP_CAP" $PY benchmarks/gpu_step.py --out "$OUT/step" --time-cap $((STEP_CAP - 15)) $STEP_ARGS 2>&1 \
+  timeout "$STEP_CAP" $PY benchmarks/gpu_step.py --out "$KEEP/step" --time-cap $((STEP_CAP - 15)) $STEP_ARGS 2>&1 \
     | tail -60
   echo "gpu_step exit ${PIPESTATUS[0]}"
+  pack
 fi
 
 # ---- recipe (issue 19): the original CIFAR-100 recipe end to end, no DALI / FFCV needed --------------------------
@@ -93,11 +161,12 @@ if has recipe; then
   rc=$?; [ $rc = 124 ] && rc="124: stopped by RECIPE_CAP=${RECIPE_CAP:-300} s"
   echo "recipe exit $rc" >>"$work/recipe.txt"
   tail -6 "$work/recipe.txt"
-  mkdir -p "$OUT/recipe-alexnet-dn"
+  mkdir -p "$KEEP/recipe-alexnet-dn"
   for f in config.json metrics.jsonl summary.json; do
-    cp "$work/recipe-runs/recipe-alexnet-dn/$f" "$OUT/recipe-alexnet-dn/" 2>/dev/null || echo "recipe: no $f"
+    cp "$work/recipe-runs/recipe-alexnet-dn/$f" "$KEEP/recipe-alexnet-dn/" 2>/dev/null || echo "recipe: no $f"
   done
-  cp "$work/recipe.txt" "$OUT/recipe-alexnet-dn/log.txt"
+  cp "$work/recipe.txt" "$KEEP/recipe-alexnet-dn/log.txt"
+  pack
 fi
 # ---- end of recipe -------------------------------------------------------------------------------------------------
 if ! needs_data; then
