@@ -59,8 +59,10 @@ class DivisiveNorm2d(FiniteCheckMixin, nn.Module):
         fix_gamma / fix_sigma / fix_all: freeze that parameter (per pool or single; the original's fix_*
             only worked with single_*). Frozen parameters stay ``nn.Parameter`` with ``requires_grad=False``,
             so checkpoints keep the same keys.
-        kernel: ``auto`` (the fused Triton kernel for CUDA tensors when triton imports, else the torch path;
-            decided per call from the input's device), ``triton`` (always the kernel: CUDA tensors, or CPU
+        kernel: ``auto`` (the fused Triton kernel for CUDA tensors when triton imports and the call is not being
+            compiled, else the torch path: under ``torch.compile`` inductor fuses the torch path, which measured
+            as fast as the kernel or faster on the H200 (docs/divnorm-kernel.md); decided per call from the
+            input's device), ``triton`` (always the kernel: CUDA tensors, or CPU
             tensors under ``TRITON_INTERPRET=1``) or ``torch`` (always the torch path). Same math either way.
 
     Under autocast or for fp16/bf16 input the energy and division run in fp32 and the result is cast back to
@@ -118,7 +120,9 @@ class DivisiveNorm2d(FiniteCheckMixin, nn.Module):
                 f"DivisiveNorm2d({self.num_channels}) expects (N, {self.num_channels}, H, W) input, "
                 f"got {tuple(x.shape)}"
             )
-        if self.kernel == "triton" or (self._auto_kernel and x.is_cuda and x.dtype in _KERNEL_DTYPES):
+        if self.kernel == "triton" or (
+            self._auto_kernel and x.is_cuda and x.dtype in _KERNEL_DTYPES and not torch.compiler.is_compiling()
+        ):
             # fp32 math inside the kernel for every input dtype; the output keeps x's dtype and layout
             return ours_fused(x, self.gamma, self.sigma, self.pool, self.power, self.eps)
         dtype = compute_dtype(x)

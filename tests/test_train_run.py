@@ -160,3 +160,46 @@ def test_cuda_run_with_amp_and_compile(tmp_path, amp):
     assert math.isfinite(summary["test"]["loss"])
     last = load(tmp_path / f"gpu-{amp}" / "last.pt")
     assert (last["scaler"] is not None) == (amp == "fp16")
+
+
+@pytest.mark.parametrize("interval", [3600, 0])
+def test_checkpoint_interval_defers_epoch_checkpoints(tmp_path, monkeypatch, interval):
+    """``checkpoint.interval_seconds``: with an hour, of three epochs' checkpoints only the first (which shows at
+    once that the disk takes them) and the last are written; best.pt carries the best epoch the run reports (kept
+    in memory until the last write); with 0, after every epoch. The writes are the real ones, counted on their
+    way to disk."""
+    from train import checkpoint as ckpt
+
+    written: list[str] = []
+    real_save = ckpt.atomic_save
+
+    def counted(obj, path):
+        written.append(os.path.basename(path))
+        return real_save(obj, path)
+
+    monkeypatch.setattr(ckpt, "atomic_save", counted)
+    assert train(tmp_path, "iv", f"checkpoint.interval_seconds={interval}", "optimizer.lr=0.005", epochs=3) == 0
+    folder = tmp_path / "iv"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert written.count("last.pt") == (2 if interval else 3)
+    improving = _improving_epochs(folder)
+    assert written.count("best.pt") == (1 + any(e > 1 for e in improving) if interval else len(improving))
+    assert load(folder / "last.pt")["book"]["epoch"] == 3
+    assert load(folder / "best.pt")["epoch"] == summary["best_epoch"]
+
+
+def _improving_epochs(folder) -> list[int]:
+    """The epochs whose validation top-1 beat every earlier one (the best.pt writes of an every-epoch run)."""
+    best, epochs = -1.0, []
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["val"]["top1"] > best:
+            best = row["val"]["top1"]
+            epochs.append(row["epoch"])
+    return epochs
+
+
+def test_checkpoint_interval_must_be_a_number_of_seconds(tmp_path, capsys):
+    assert train(tmp_path, "bad", "checkpoint.interval_seconds=-1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint.interval_seconds must be 0" in err[0]

@@ -247,7 +247,7 @@ def save_conv1(path: str | os.PathLike, weights: Mapping[str, torch.Tensor | Non
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict of the unwrapped model (no ``module.`` / ``_orig_mod.`` prefixes), on the CPU."""
-    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}  # one copy
 
 
 def upgrade(path: str | os.PathLike) -> bool:

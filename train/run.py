@@ -114,6 +114,14 @@ class Run(RunCheckpoints):
         self.signals = StopSignals()
         every_steps = self.config["checkpoint"]["every_steps"]
         self.boundary = StepBoundary(env, self.signals, every_steps, self.save_position, say)
+        interval = self.config["checkpoint"].get("interval_seconds", 30)
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval < 0:
+            raise ConfigError(
+                f"checkpoint.interval_seconds must be 0 (a checkpoint every epoch) or a number of seconds, got "
+                f"{interval!r}"
+            )
+        # checkpoint.interval_seconds (train/run_checkpoint.py): rank 0's deferred epoch-end checkpoint
+        self.unsaved_epoch, self.pending_best, self.last_write = False, None, None
 
     def execute(self) -> dict[str, Any]:
         """prepare -> restore -> begin -> train -> finish (or :class:`Preempted` after a signal)."""
@@ -276,8 +284,8 @@ class Run(RunCheckpoints):
             if stop:
                 return stop
             if epoch + 1 < epochs and self.boundary.stop_agreed(self.device):  # a signal during validation/saving
-                if not self.config["checkpoint"]["save_last"]:
-                    self.save(False, None, force_last=True)
+                save_last = self.config["checkpoint"]["save_last"]  # the epoch's checkpoint, if the interval held it
+                self.save(False, None, force_last=not save_last, final=True, only_unsaved=save_last)
                 self.say(f"preempted ({self.signals.name}) after epoch {epoch + 1}: continue with --resume")
                 return "preempted"
         return "completed"
@@ -326,9 +334,10 @@ class Run(RunCheckpoints):
                 line["val"] = _rounded(val_metrics)
             self.metrics_log.append(line)
             self.board.log_epoch(line, self.net)
-        self.save(improved, val_metrics)
+        early_stop = bool(training["early_stop"]) and book["bad_epochs"] >= int(training["patience"])
+        self.save(improved, val_metrics, final=early_stop or epoch + 1 == epochs)
         self.say(_epoch_line(epoch + 1, epochs, train_metrics, val_metrics))
-        if training["early_stop"] and book["bad_epochs"] >= int(training["patience"]):
+        if early_stop:
             self.say(f"early stop: validation loss did not improve for {training['patience']} epochs")
             return "early_stop"
         return None
@@ -340,6 +349,7 @@ class Run(RunCheckpoints):
         request, env, book, config = self.request, self.env, self.book, self.config
         test_metrics = None
         best_path = self.folder / "best.pt"
+        self.write_pending_best()  # held back by checkpoint.interval_seconds and no last.pt since (non-finite)
         if config["training"]["test_at_end"] and book["epoch"] > 0:
             has_best = distributed.broadcast_object(best_path.is_file() if env.is_main else None, env)
             final_state = ckpt.model_state(self.net)

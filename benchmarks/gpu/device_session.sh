@@ -25,8 +25,10 @@
 #   arguments (e.g. "--parts models" or "--models resnet50" to split it over two calls). Add "tests" (with
 #   TEST_CAP) for the GPU tests in the same call when the budget allows; DALI and the sample tree are set up only
 #   for the steps that read data.
-# Issues 18 + 19 in one call (no staging, nothing carried; ~8 of the 15 device-minutes with the start):
-#   OUT=$OUT STEPS="gputests compare step recipe" bash benchmarks/gpu/device_session.sh   (timeout_s ~560)
+# Issues 18 + 19, what session 4 left (one call, nothing carried; the machine started in ~30 s there):
+#   OUT=$OUT STEPS="gputests step recipe r18" bash benchmarks/gpu/device_session.sh   (timeout_s ~580; phase 1
+#   ~170 s, step ~150, recipe ~110, r18 ~120); add compare (2 x COMPARE_CAP) only with time to spare.
+# Session 4's call: OUT=$OUT STEPS="gputests compare step recipe" ... (timeout_s 560)
 #   phase 1, untimed, side by side (~170 s): the GPU tests without DALI / FFCV (GPUTEST_CAP), the compile-cache
 #   warm-up of gpu_step.py (5 processes, WARM_CAP) and the capture-vs-uncaptured accuracy check (compare: two
 #   COMPARE_EPOCHS runs, COMPARE_CAP each); then, alone on the machine, the timed step (STEP_CAP, ~180 s) and the
@@ -46,7 +48,7 @@ DEVICES=${DEVICES:-gpu}
 DALI_DECODE=${DALI_DECODE:-auto}
 STEP_CAP=${STEP_CAP:-240}
 STEP_ARGS=${STEP_ARGS:-}
-STEPS=${STEPS:-"tests train bench"}  # any of: gputests compare step recipe tests bgtests train bench decode hwdec ffcv dn
+STEPS=${STEPS:-"tests train bench"}  # any of: gputests compare step recipe r18 tests bgtests train bench decode hwdec ffcv dn
 # bgtests: the GPU tests in a background process session (setsid) that outlives the call, for a machine kept warm
 # by the next calls (e.g. the transfers of DALI's parts); the next call's tests / train / bench steps wait for it
 # (at most BG_WAIT s) and copy its log. PYTEST_K: a -k filter for the GPU tests; BENCH_ROOT: where benchmark folders go (default: packed into bench.tar.gz)
@@ -81,7 +83,8 @@ pack() { tar -czf "$OUT/session.tar.gz.tmp" -C "$KEEP" . 2>/dev/null && mv "$OUT
 bg=()
 if has gputests; then
   step "GPU tests (no DALI / FFCV / data), in the background"
-  (timeout "${GPUTEST_CAP:-170}" $PY -m pytest -m gpu -v -p no:cacheprovider --timeout 120 -o addopts=-ra \
+  # -k: a trainer test installs a SIGTERM handler (preemption) that outlives the signal of a plain timeout
+  (timeout -k 10 "${GPUTEST_CAP:-170}" $PY -m pytest -m gpu -v -p no:cacheprovider --timeout 120 -o addopts=-ra \
      -k "not dali and not ffcv${PYTEST_K:+ and ($PYTEST_K)}" tests/test_graphed.py tests/test_divnorm_kernel.py \
      tests/test_train_run.py tests --junitxml="$KEEP/pytest-gpu.xml" >"$KEEP/pytest-gpu.txt" 2>&1
    echo "pytest exit $?" >>"$KEEP/pytest-gpu.txt") &
@@ -90,7 +93,7 @@ fi
 if has step && [ "${STEP_WARM:-1}" = 1 ]; then
   step "compile-cache warm-up: gpu_step.py --warm-cache, 5 processes"
   warm() { local name=$1; shift
-    (timeout "${WARM_CAP:-150}" $PY benchmarks/gpu_step.py --warm-cache --out "$KEEP/step-warm/$name" \
+    (timeout -k 10 "${WARM_CAP:-150}" $PY benchmarks/gpu_step.py --warm-cache --out "$KEEP/step-warm/$name" \
        --time-cap $((${WARM_CAP:-150} - 5)) --item-cap 140 "$@" >"$KEEP/step-warm/$name.txt" 2>&1
      echo "warm $name exit $?" >>"$KEEP/step-warm/$name.txt") &
     bg+=($!)
@@ -106,7 +109,7 @@ if has compare; then
   step "compare: capture vs uncaptured, ${COMPARE_EPOCHS:-9} epochs of the recipe each, same seed"
   ce=${COMPARE_EPOCHS:-9}
   for graphs in auto false; do
-    timeout "${COMPARE_CAP:-80}" $PY -m train synthetic alexnet "compare-graphs-$graphs" data.synthetic_size=40000 \
+    timeout -k 10 "${COMPARE_CAP:-80}" $PY -m train synthetic alexnet "compare-graphs-$graphs" data.synthetic_size=40000 \
       data.workers=4 data.eval_batch_size=null optimizer.weight_decay=0.0001 optimizer.no_weight_decay_on_norm=false \
       lr_scheduler.name=steplr lr_scheduler.step_size=$((ce / 3)) lr_scheduler.gamma=0.1 --loader gpu \
       --device "${RECIPE_DEVICE:-cuda}" --epochs "$ce" --overwrite model.divnorm_specs.type=ours data.batch_size=128 \
@@ -131,7 +134,7 @@ fi
 if has step; then
   step "the GPU step: DN layer vs BatchNorm+ReLU and the floor, ResNets with and without DN, eager and compiled"
   # needs neither DALI nor FFCV nor data; the script's own time cap stops starting items 15 s before this one
-  timeout "$STEP_CAP" $PY benchmarks/gpu_step.py --out "$KEEP/step" --time-cap $((STEP_CAP - 15)) $STEP_ARGS 2>&1 \
+  timeout -k 10 "$STEP_CAP" $PY benchmarks/gpu_step.py --out "$KEEP/step" --time-cap $((STEP_CAP - 15)) $STEP_ARGS 2>&1 \
     | tail -60
   echo "gpu_step exit ${PIPESTATUS[0]}"
   pack
@@ -155,7 +158,7 @@ if has recipe; then
     recipe_args=(cifar100 alexnet recipe-alexnet-dn --data-dir "$CIFAR100_DIR")
   fi
   # its own runs folder: the pack step copies every summary.json under $work/runs as train-summary.json
-  timeout "${RECIPE_CAP:-300}" $PY -m train "${recipe_args[@]}" --loader gpu --device "${RECIPE_DEVICE:-cuda}" \
+  timeout -k 10 "${RECIPE_CAP:-300}" $PY -m train "${recipe_args[@]}" --loader gpu --device "${RECIPE_DEVICE:-cuda}" \
     --epochs "${RECIPE_EPOCHS:-90}" --overwrite model.divnorm_specs.type=ours data.batch_size=128 \
     logging.progress_bar=off logging.runs_dir="$work/recipe-runs" ${RECIPE_EXTRA:-} >"$work/recipe.txt" 2>&1
   rc=$?; [ $rc = 124 ] && rc="124: stopped by RECIPE_CAP=${RECIPE_CAP:-300} s"
@@ -166,6 +169,22 @@ if has recipe; then
     cp "$work/recipe-runs/recipe-alexnet-dn/$f" "$KEEP/recipe-alexnet-dn/" 2>/dev/null || echo "recipe: no $f"
   done
   cp "$work/recipe.txt" "$KEEP/recipe-alexnet-dn/log.txt"
+  pack
+fi
+# ---- r18 (issue 19): ResNet-18 with DN in the trainer (--loader gpu, batch 512, 32 px, CUDA graphs + compile) against
+# its compiled fixed-batch bound (gpu_step.py, the same model, batch and resolution), one after the other, alone on
+# the machine. Target: the trainer's epochs >= 95 % of the bound. R18_CAP (s) caps each, R18_EPOCHS (default 4).
+if has r18; then
+  step "r18: ResNet-18-DN in the trainer vs its compiled fixed-batch bound"
+  timeout -k 10 "${R18_CAP:-120}" $PY -m train synthetic resnet18 r18-dn data.synthetic_size=40000 --loader gpu \
+    --device "${RECIPE_DEVICE:-cuda}" --epochs "${R18_EPOCHS:-4}" --overwrite model.divnorm_specs.type=ours \
+    data.batch_size=512 logging.progress_bar=off logging.runs_dir="$work/r18-runs" ${RECIPE_EXTRA:-} >"$work/r18.txt" 2>&1
+  echo "r18 exit $?" >>"$work/r18.txt"; tail -3 "$work/r18.txt"
+  mkdir -p "$KEEP/r18-dn"
+  cp "$work/r18-runs/r18-dn"/{config.json,metrics.jsonl,summary.json} "$KEEP/r18-dn/" 2>/dev/null
+  cp "$work/r18.txt" "$KEEP/r18-dn/log.txt"
+  timeout -k 10 "${R18_CAP:-120}" $PY benchmarks/gpu_step.py --out "$KEEP/r18-dn/bound" --parts models \
+    --models resnet18 --divnorms ours --time-cap $((${R18_CAP:-120} - 10)) $STEP_ARGS 2>&1 | grep "resnet18"
   pack
 fi
 # ---- end of recipe -------------------------------------------------------------------------------------------------
@@ -218,10 +237,10 @@ fi
 
 step "GPU tests and a DALI training run, side by side"
 tests=
-has tests && (timeout "$TEST_CAP" $PY -m pytest -m gpu -q -p no:cacheprovider --timeout 120 -o addopts=-ra ${PYTEST_K:+-k "$PYTEST_K"} \
+has tests && (timeout -k 10 "$TEST_CAP" $PY -m pytest -m gpu -q -p no:cacheprovider --timeout 120 -o addopts=-ra ${PYTEST_K:+-k "$PYTEST_K"} \
    --junitxml="$OUT/pytest-gpu.xml" >"$work/pytest.txt" 2>&1; echo "pytest exit $?" >>"$work/pytest.txt") &
 has tests && tests=$!
-has train && timeout "$TEST_CAP" $PY -m train imagenet "$MODEL" gpu-dali-dn --loader dali --data-dir "$tree" --epochs 4 \
+has train && timeout -k 10 "$TEST_CAP" $PY -m train imagenet "$MODEL" gpu-dali-dn --loader dali --data-dir "$tree" --epochs 4 \
   --overwrite data.batch_size=256 data.dali_device="$DALI_DEVICE" data.dali_decode="$DALI_DECODE" data.workers=8 model.divnorm_specs.type=ours \
   model.zero_init_residual=true lr_scheduler.name=cosine lr_scheduler.t_max=4 \
   logging.progress_bar=off logging.runs_dir="$work/runs" >"$work/train.txt" 2>&1
@@ -234,7 +253,7 @@ step benchmark
 # trainer: compiled on a GPU) compiles ResNet-50 once per setting process, a minute each on a fresh machine
 bench() {  # cap in seconds, name, then benchmark arguments (a later --compile overrides BENCH_COMPILE)
   local cap=$1 name=$2; shift 2
-  timeout "$cap" $PY tools/benchmark.py --dataset imagenet --data "$tree" --devices "$DEVICES" --batch-sizes 256 \
+  timeout -k 10 "$cap" $PY tools/benchmark.py --dataset imagenet --data "$tree" --devices "$DEVICES" --batch-sizes 256 \
     --compile "${BENCH_COMPILE:-off}" \
     --seconds 6 --windows 3 --warmup-seconds 3 --setting-timeout 90 --cache "$work/cache" --out "${BENCH_ROOT:-$work/bench}/$name" "$@" \
     2>&1 | grep -v "^\s*$" | tail -40
@@ -259,7 +278,7 @@ has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 
 if has bgtests; then
   step "GPU tests in the background (setsid), for the next call to collect"
   rm -f "$work/pytest-bg.done"
-  setsid bash -c "timeout $TEST_CAP $PY -m pytest -m gpu -q -p no:cacheprovider --timeout 150 -o addopts=-ra ${PYTEST_K:+-k '$PYTEST_K'} \
+  setsid bash -c "timeout -k 10 $TEST_CAP $PY -m pytest -m gpu -q -p no:cacheprovider --timeout 150 -o addopts=-ra ${PYTEST_K:+-k '$PYTEST_K'} \
     --junitxml='$work/pytest-bg.xml' >'$work/pytest-bg.txt' 2>&1; echo \"pytest exit \$?\" >>'$work/pytest-bg.txt'; touch '$work/pytest-bg.done'" \
     </dev/null >/dev/null 2>&1 &
 fi
