@@ -42,11 +42,13 @@ INTERPRETED = isinstance(tl.sum, InterpretedFunction)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Elements per program tile. 4096 fp32 values over 8 warps is 16 registers a thread per live tile; the
-# backward holds x, dy and q, still well inside the register file.
-_TILE_ELEMENTS = 4096
-# The backward runs at most this many programs per SM and loops over the remaining tiles (fewer partial rows).
-_BACKWARD_PROGRAMS_PER_SM = 8
+# The launch shape, read at every call (benchmarks/tune_divnorm_kernel.py sweeps these on a GPU):
+# tile_elements: elements per program tile (4096 fp32 values over 8 warps is 16 registers a thread per live tile;
+#   the backward holds x, dy and q, still well inside the register file);
+# elements_per_warp: num_warps = tile elements / this (1..16);
+# backward_programs_per_sm: the backward runs at most this many programs per SM and loops over the remaining tiles
+#   (fewer partial rows).
+TUNING = {"tile_elements": 4096, "elements_per_warp": 512, "backward_programs_per_sm": 8}
 
 
 def _jit(fn):
@@ -243,18 +245,19 @@ class _Blocks:
 @functools.lru_cache(maxsize=256)  # a handful of layer shapes per model: no per-call Python arithmetic
 def _blocks(layout: _Layout, num_pools: int, pool: int) -> _Blocks:
     """Tile shape: whole pools always (the sum stays in registers); rows of C for channels-last, else pixel runs."""
+    tile = int(TUNING["tile_elements"])
     block_s = _next_power_of_2(pool)
     block_g_max = _next_power_of_2(num_pools)
     if layout.channels_last:
         # As many whole pools of a row as fit (all of them up to C = 4096), then as many rows as fit.
-        block_g = min(block_g_max, max(1, _TILE_ELEMENTS // block_s))
-        block_pix = max(1, _TILE_ELEMENTS // (block_g * block_s))
+        block_g = min(block_g_max, max(1, tile // block_s))
+        block_pix = max(1, tile // (block_g * block_s))
     else:
         # Pixels are the contiguous axis: a run long enough for coalesced loads, then as many pools as fit.
-        block_pix = min(max(min(128, _TILE_ELEMENTS // block_s), 8), _next_power_of_2(layout.pixels))
-        block_g = min(block_g_max, max(1, _TILE_ELEMENTS // (block_pix * block_s)))
+        block_pix = min(max(min(128, tile // block_s), 8), _next_power_of_2(layout.pixels))
+        block_g = min(block_g_max, max(1, tile // (block_pix * block_s)))
     block_pix = min(block_pix, _next_power_of_2(layout.pixels))
-    num_warps = min(16, max(1, block_pix * block_g * block_s // 512))
+    num_warps = min(16, max(1, block_pix * block_g * block_s // int(TUNING["elements_per_warp"])))
     return _Blocks(block_pix, block_g, block_s, num_warps)
 
 
@@ -311,7 +314,7 @@ def _multiprocessors(device_index: int | None) -> int:
 def _backward_programs(x: torch.Tensor, num_tiles: int, pool_blocks: int) -> int:
     """Programs along the tile axis: enough to fill the GPU, few enough that the partial sums stay small."""
     if x.device.type == "cuda":
-        slots = _multiprocessors(x.device.index) * _BACKWARD_PROGRAMS_PER_SM
+        slots = _multiprocessors(x.device.index) * int(TUNING["backward_programs_per_sm"])
     else:  # the interpreter: programs run one after another, a loop inside one costs the same
         slots = 16
     return max(1, min(num_tiles, max(1, slots // pool_blocks)))

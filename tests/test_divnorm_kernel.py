@@ -12,6 +12,7 @@ covers each channel count, pool exponent, power, layout, dtype, batch size and p
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -293,3 +294,22 @@ def test_compiled_training_matches_eager_on_cuda():
             losses[mode].append(loss.item())
     torch.testing.assert_close(torch.tensor(losses["compiled"]), torch.tensor(losses["eager"]), rtol=3e-2, atol=3e-2)
     assert losses["eager"][-1] < losses["eager"][0]  # it trained
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the child's parent")
+def test_tuning_sweep_dry_run(tmp_path):
+    """benchmarks/tune_divnorm_kernel.py on the CPU (its own TRITON_INTERPRET=1 child): every swept launch shape
+    computes what the torch path computes, and the kernel's TUNING is what the sweep returns to."""
+    from divnorm import triton_ours
+
+    out = tmp_path / "tune"
+    command = [sys.executable, str(REPO / "benchmarks" / "tune_divnorm_kernel.py"), "--out", str(out), "--dry-run"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert [entry["shape"] for entry in report["shapes"]] == [[2, 64, 4, 4], [2, 256, 2, 2]]
+    rows = [row for entry in report["shapes"] for row in entry["settings"]]
+    assert len(rows) == 4 and all(row["matches_torch_path"] for row in rows)
+    assert {row["tile_elements"] for row in rows} == {1024, 4096}
+    assert report["best_overall"] is not None and report["default_tuning"] == triton_ours.TUNING
+    assert "| (2, 64, 4, 4) | 8 |" in (out / "results.md").read_text()

@@ -25,9 +25,11 @@
 #   arguments (e.g. "--parts models" or "--models resnet50" to split it over two calls). Add "tests" (with
 #   TEST_CAP) for the GPU tests in the same call when the budget allows; DALI and the sample tree are set up only
 #   for the steps that read data.
-# Issues 18 + 19, what session 4 left (one call, nothing carried; the machine started in ~30 s there):
-#   OUT=$OUT STEPS="gputests step recipe r18" bash benchmarks/gpu/device_session.sh   (timeout_s ~580; phase 1
-#   ~170 s, step ~150, recipe ~110, r18 ~120); add compare (2 x COMPARE_CAP) only with time to spare.
+# Issues 18 + 19, what session 4 left (two calls back to back, nothing carried; the machine started in ~30 s there):
+#   1. OUT=$OUT STEPS="gputests step tune" bash benchmarks/gpu/device_session.sh   (timeout_s ~520: phase 1 ~170 s,
+#      step ~150, tune ~170)
+#   2. at once (compile caches still warm): OUT=$OUT STEPS="recipe r18" RECIPE_CAP=150 (timeout_s ~300)
+#   add compare (2 x COMPARE_CAP) only with time to spare.
 # Session 4's call: OUT=$OUT STEPS="gputests compare step recipe" ... (timeout_s 560)
 #   phase 1, untimed, side by side (~170 s): the GPU tests without DALI / FFCV (GPUTEST_CAP), the compile-cache
 #   warm-up of gpu_step.py (5 processes, WARM_CAP) and the capture-vs-uncaptured accuracy check (compare: two
@@ -48,7 +50,7 @@ DEVICES=${DEVICES:-gpu}
 DALI_DECODE=${DALI_DECODE:-auto}
 STEP_CAP=${STEP_CAP:-240}
 STEP_ARGS=${STEP_ARGS:-}
-STEPS=${STEPS:-"tests train bench"}  # any of: gputests compare step recipe r18 tests bgtests train bench decode hwdec ffcv dn
+STEPS=${STEPS:-"tests train bench"}  # any of: gputests compare step tune recipe r18 tests bgtests train bench decode hwdec ffcv dn
 # bgtests: the GPU tests in a background process session (setsid) that outlives the call, for a machine kept warm
 # by the next calls (e.g. the transfers of DALI's parts); the next call's tests / train / bench steps wait for it
 # (at most BG_WAIT s) and copy its log. PYTEST_K: a -k filter for the GPU tests; BENCH_ROOT: where benchmark folders go (default: packed into bench.tar.gz)
@@ -137,6 +139,15 @@ if has step; then
   timeout -k 10 "$STEP_CAP" $PY benchmarks/gpu_step.py --out "$KEEP/step" --time-cap $((STEP_CAP - 15)) $STEP_ARGS 2>&1 \
     | tail -60
   echo "gpu_step exit ${PIPESTATUS[0]}"
+  pack
+fi
+
+# ---- tune (issue 18): the fused DN kernel's launch shape swept at the ResNet-50 stage shapes (forward and backward
+# apart, each against its memory floor); TUNE_CAP (s). Commit the best setting as divnorm/triton_ours.py's TUNING.
+if has tune; then
+  step "tune: the fused DN kernel's tile / warps / backward programs at the ResNet-50 stage shapes"
+  timeout -k 10 "${TUNE_CAP:-170}" $PY benchmarks/tune_divnorm_kernel.py --out "$KEEP/tune" \
+    --time-cap $((${TUNE_CAP:-170} - 20)) 2>&1 | tail -4
   pack
 fi
 
