@@ -41,6 +41,10 @@ resume=()
 if [[ -f "$runs_dir/$exp/last.pt" ]]; then
   resume=(--resume)
   echo "$(date -Is) resuming $runs_dir/$exp (restart ${SLURM_RESTART_COUNT:-0})"
+elif [[ -d "$runs_dir/$exp" && "${SLURM_RESTART_COUNT:-0}" -gt 0 ]]; then
+  # requeued after a stop before the first checkpoint (e.g. during the first compile): nothing to keep
+  resume=(--overwrite)
+  echo "$(date -Is) restarting $runs_dir/$exp: no checkpoint yet (restart ${SLURM_RESTART_COUNT})"
 fi
 
 signalled=""

@@ -180,3 +180,15 @@ def test_start_batch_yields_the_tail_of_the_epoch(name, tmp_path):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(_batches(resumed), _batches(straight))), name
     for loader in (straight, first, resumed):
         loader.close()
+
+
+def test_a_signal_during_the_first_compile_stops_the_run_at_once(tmp_path):
+    """A SIGTERM as the run's first compile starts (the trainer's test hook sends it there): nothing is trained
+    yet, so the run stops at once, exit 3, naming what to run next, instead of waiting for a step boundary that a
+    compile whose workers died with the same signal would never reach. No checkpoint is written."""
+    root = tmp_path / "runs"
+    done = _train(root, "c", "gpu", "training.compile=true", env={"DIVNORM_SIGNAL_IN_COMPILE": "SIGTERM"})
+    _ok(done, 3)
+    err = done.stderr.strip().splitlines()[-1]
+    assert "stopped by SIGTERM during the first compile" in err and "start it again (--overwrite)" in err, err
+    assert not (root / "c" / "last.pt").exists() and "epoch 1/" not in done.stdout

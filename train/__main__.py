@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except Preempted as error:  # a signal asked the run to stop: requeue it and continue with --resume
-        print(f"preempted: {error}; continue with --resume (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        print(f"preempted: {error}; {error.hint} (exit code {EXIT_PREEMPTED})", file=sys.stderr)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted: the run folder holds the last saved checkpoint; continue with --resume", file=sys.stderr)

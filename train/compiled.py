@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from train.preempt import Preempted
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 T = TypeVar("T")
@@ -84,6 +87,8 @@ class CompileGuard:
         self.seconds = 0.0  # total time of the calls that compiled
         self.error: str | None = None  # the compile failure that made the run fall back to eager
         self._seen: set[tuple] = set()
+        # around each compiling call: the run's stop-at-once guard for its first compile (train/run.py)
+        self.guard: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.model: nn.Module = eager
         if enabled:
             use_persistent_cache()
@@ -105,11 +110,14 @@ class CompileGuard:
             return work(self.model), 0.0
         _synchronize(self.device)
         start = time.perf_counter()
-        try:
-            result = work(self.model)
-        except Exception as error:  # noqa: BLE001 - dynamo / inductor raise many types; all mean "no compile"
-            self.fall_back(error)
-            result = work(self.model)  # the failed attempt and this eager rerun both count as compile time
+        with self.guard():
+            try:
+                result = work(self.model)
+            except Preempted:
+                raise
+            except Exception as error:  # noqa: BLE001 - dynamo / inductor raise many types; all mean "no compile"
+                self.fall_back(error)
+                result = work(self.model)  # the failed attempt and this eager rerun both count as compile time
         _synchronize(self.device)
         elapsed = time.perf_counter() - start
         self._seen.add(key)

@@ -40,10 +40,17 @@ EXIT_PREEMPTED = 3  # documented in python -m train --help and docs/preemption.m
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 SIGNAL_AT_STEP_ENV = "DIVNORM_SIGNAL_AT_STEP"
 SIGNAL_IN_SAVE_ENV = "DIVNORM_SIGNAL_IN_SAVE"
+SIGNAL_IN_COMPILE_ENV = "DIVNORM_SIGNAL_IN_COMPILE"  # test hook: SIGTERM / SIGUSR1 to itself as a first compile starts
 
 
 class Preempted(Exception):
-    """The run saved its position after a signal and stopped; the process exits with :data:`EXIT_PREEMPTED`."""
+    """The run saved its position after a signal and stopped; the process exits with :data:`EXIT_PREEMPTED`.
+
+    ``hint``: what to run next (``--resume`` where a checkpoint holds the position)."""
+
+    def __init__(self, message: str, hint: str = "continue with --resume") -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 @dataclass
@@ -71,6 +78,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._immediate: tuple[str, str] | None = None  # (where, hint) of the stop raised inside :meth:`immediate`
 
     @property
     def requested(self) -> bool:
@@ -95,6 +103,25 @@ class StopSignals:
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.received is None:  # the first signal counts; later ones (during the save) change nothing
             self.received = signum
+        if self._immediate is not None:
+            (where, hint), self._immediate = self._immediate, None
+            raise Preempted(f"stopped by {signal.Signals(signum).name} {where}", hint)
+
+    @contextlib.contextmanager
+    def immediate(self, where: str, hint: str) -> Iterator[None]:
+        """Inside the block a signal raises :class:`Preempted` at once instead of waiting for a step boundary: for
+        work that has nothing to save and may never reach a boundary (a run's first compile: a signal sent to the
+        whole process group also ends inductor's compile workers, and the compile then waits on them for ever)."""
+        if self.received is not None:
+            raise Preempted(f"stopped by {self.name} {where}", hint)
+        self._immediate = (where, hint)
+        hook = os.environ.get(SIGNAL_IN_COMPILE_ENV)
+        try:
+            if hook:
+                os.kill(os.getpid(), getattr(signal, hook))
+            yield
+        finally:
+            self._immediate = None
 
     @contextlib.contextmanager
     def deferred_interrupt(self) -> Iterator[None]:

@@ -22,6 +22,7 @@ position at the next step boundary and :meth:`Run.execute` raise :class:`train.p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -132,6 +133,7 @@ class Run(RunCheckpoints):
                 if checkpoint:
                     self.restore(checkpoint)
                 self.begin()
+                self.compiler.guard = self._first_compile_guard(self.state.global_step, bool(checkpoint))
                 stop_reason = self.train()
             finally:
                 self.signals.close()
@@ -214,6 +216,25 @@ class Run(RunCheckpoints):
             self.graphed = GraphedSteps(self.state, self.train_loader, strict=strict, say=self.say)
         self.conv1 = {"initial": ckpt.conv1_weight(net)}
         return checkpoint
+
+    def _first_compile_guard(self, start_step: int, resumed: bool) -> Callable[[], contextlib.AbstractContextManager]:
+        """A signal during a compile before this process has trained a step stops the run at once (exit 3): there
+        is nothing to save, and waiting for the step boundary can hang when the same signal (sent to the process
+        group: Slurm, ``timeout``) ended inductor's compile workers. One process only: with DDP the ranks agree
+        on a stop at the boundary as before."""
+        if self.env.world_size > 1:
+            return contextlib.nullcontext
+        if resumed:
+            hint = "last.pt still holds the position it was resumed from: continue with --resume"
+        else:
+            hint = "nothing was trained or saved yet: start it again (--overwrite)"
+
+        def guard() -> contextlib.AbstractContextManager:
+            if self.state.global_step != start_step:
+                return contextlib.nullcontext()
+            return self.signals.immediate("during the first compile", hint)
+
+        return guard
 
     def _resolve_cuda_graphs(self) -> bool:
         """``training.cuda_graphs``: auto -> on where possible (else off, one line why); true -> on or an error."""
