@@ -115,7 +115,7 @@ class Run(RunCheckpoints):
         self.signals = StopSignals()
         every_steps = self.config["checkpoint"]["every_steps"]
         self.boundary = StepBoundary(env, self.signals, every_steps, self.save_position, say)
-        interval = self.config["checkpoint"].get("interval_seconds", 30)
+        interval = self.config["checkpoint"]["interval_seconds"]
         if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval < 0:
             raise ConfigError(
                 f"checkpoint.interval_seconds must be 0 (a checkpoint every epoch) or a number of seconds, got "

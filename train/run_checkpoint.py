@@ -109,7 +109,7 @@ class RunCheckpoints:
         self.unsaved_epoch = False
 
     def _checkpoint_due(self) -> bool:
-        interval = float(self.config["checkpoint"].get("interval_seconds") or 0)
+        interval = float(self.config["checkpoint"]["interval_seconds"])
         return interval <= 0 or self.last_write is None or time.monotonic() - self.last_write >= interval
 
     def write_pending_best(self) -> None:
