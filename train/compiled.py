@@ -29,6 +29,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 T = TypeVar("T")
 
 
+def error_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters of it): how a fallback names its cause."""
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    return f"{type(error).__name__}: {first_line}"
+
+
 def resolve_compile(setting: Any, device: torch.device) -> bool:
     """``training.compile`` (``auto`` | true | false) -> whether to compile on ``device``."""
     if setting == "auto":
@@ -126,8 +132,7 @@ class CompileGuard:
 
     def fall_back(self, error: BaseException) -> None:
         """Use the eager module from now on, with one warning line naming the error."""
-        first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        self.error = f"{type(error).__name__}: {first_line}"
+        self.error = error_line(error)
         self.model = self.eager
         self.say(f"warning: torch.compile failed ({self.error}); training continues eagerly (training.compile=false)")
 

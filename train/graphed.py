@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from train.compiled import error_line
 from train.loop import TrainState, _check_finite, epoch_result, synchronize
 from train.metrics import MetricSums
 from train.preempt import EpochPosition, StepBoundary
@@ -189,10 +190,10 @@ class GraphedSteps:
     def _fall_back(self, error: Exception, start: float) -> float:
         """A capture failed: nothing of it ran on the device (a capture records, it does not execute), so this
         step runs again uncaptured and so do the rest; ``strict`` raises instead."""
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        reason = error_line(error)
         if self.strict:
             raise RuntimeError(f"training.cuda_graphs=true: capturing the training step failed ({reason})") from error
-        self.fallback_error = reason[:300]
+        self.fallback_error = reason
         self.say(f"cuda graphs off: capturing the training step failed ({self.fallback_error}); uncaptured steps")
         self.capture = False
         synchronize(self.state.device)
