@@ -14,7 +14,8 @@ lrn         lrn_size (5), lrn_alpha (1e-4), lrn_beta (0.75), lrn_k (2.0)  (AlexN
 gdn         gdn_beta_min (1e-6), gdn_gamma_init (0.1), fix_all (false)
 ==========  =========================================================================================
 
-``type`` and ``asact`` (a placement switch read by models) are accepted for every type. The baselines use
+``type``, ``asact`` (a placement switch read by models) and ``fuse_bn`` (whether a model's conv unit runs
+ReLU -> ``ours`` -> BatchNorm as one function, :mod:`divnorm.fused_bn`) are accepted for every type. The baselines use
 their own ``lrn_*`` / ``gdn_*`` keys because the shared ``alpha``/``beta``/``k`` defaults belong to ``ken``.
 """
 
@@ -30,7 +31,7 @@ from divnorm.grouped import DivisiveNorm2d
 from divnorm.ken import LineDivisiveNorm2d
 from divnorm.ops import KERNEL_CHOICES
 
-_COMMON_KEYS = {"type", "asact"}
+_COMMON_KEYS = {"type", "asact", "fuse_bn"}
 
 # Keys whose value is a string from a fixed set.
 _CHOICES: dict[str, tuple[str, ...]] = {"kernel": KERNEL_CHOICES}

@@ -11,7 +11,7 @@ from divnorm.common import DENOMINATOR_FLOOR, FiniteCheckMixin, compute_dtype
 from divnorm.ops import KERNEL_CHOICES, ours_fused, triton_imports
 
 # Dtypes the fused kernel takes (fp32 math inside); kernel=auto leaves others (float64) to the torch path.
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def pool_size(num_channels: int, p: float) -> int:
@@ -121,7 +121,7 @@ class DivisiveNorm2d(FiniteCheckMixin, nn.Module):
                 f"got {tuple(x.shape)}"
             )
         if self.kernel == "triton" or (
-            self._auto_kernel and x.is_cuda and x.dtype in _KERNEL_DTYPES and not torch.compiler.is_compiling()
+            self._auto_kernel and x.is_cuda and x.dtype in KERNEL_DTYPES and not torch.compiler.is_compiling()
         ):
             # fp32 math inside the kernel for every input dtype; the output keeps x's dtype and layout
             return ours_fused(x, self.gamma, self.sigma, self.pool, self.power, self.eps)

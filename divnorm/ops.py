@@ -112,3 +112,83 @@ def ours_fused(
 ) -> torch.Tensor:
     """``ours`` through the fused kernel (differentiable in x, gamma and sigma)."""
     return ours_fwd(x, gamma, sigma, pool, float(power), float(eps))
+
+
+# ReLU -> ours -> BatchNorm (training) in one kernel set (divnorm.triton_fused_bn), channels-last only.
+
+
+def _fused_bn_kernels():
+    """:mod:`divnorm.triton_fused_bn`, imported at the first call (the same message as the DN kernel's)."""
+    _kernels()
+    from divnorm import triton_fused_bn
+
+    return triton_fused_bn
+
+
+@torch.library.custom_op("divnorm::relu_dn_bn_fwd", mutates_args=())
+def relu_dn_bn_fwd(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    sigma: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    pool: int,
+    power: float,
+    eps: float,
+    bn_eps: float,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, batch mean, biased batch variance, rstd) of ``batchnorm(ours(relu(x)))``; x channels-last."""
+    return _fused_bn_kernels().forward(x, gamma, sigma, weight, bias, pool, power, eps, bn_eps, relu)
+
+
+@relu_dn_bn_fwd.register_fake
+def _relu_dn_bn_fwd_fake(x, gamma, sigma, weight, bias, pool, power, eps, bn_eps, relu):
+    stats = x.new_empty(x.shape[1], dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats), torch.empty_like(stats)
+
+
+@torch.library.custom_op("divnorm::relu_dn_bn_bwd", mutates_args=())
+def relu_dn_bn_bwd(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    sigma: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    pool: int,
+    power: float,
+    eps: float,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dgamma, dsigma, dweight, dbias) for :func:`relu_dn_bn_fwd`'s ``out``."""
+    return _fused_bn_kernels().backward(dout, x, gamma, sigma, weight, mean, rstd, pool, power, eps, relu)
+
+
+@relu_dn_bn_bwd.register_fake
+def _relu_dn_bn_bwd_fake(dout, x, gamma, sigma, weight, mean, rstd, pool, power, eps, relu):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(gamma),
+        torch.empty_like(sigma),
+        torch.empty_like(weight),
+        torch.empty_like(weight),
+    )
+
+
+def _fused_bn_setup_context(ctx, inputs, output) -> None:
+    x, gamma, sigma, weight, _bias, pool, power, eps, _bn_eps, relu = inputs
+    _out, mean, var, rstd = output
+    ctx.save_for_backward(x, gamma, sigma, weight, mean, rstd)  # x and (C,) statistics: the DN output is recomputed
+    ctx.settings = (pool, power, eps, relu)
+    ctx.mark_non_differentiable(mean, var, rstd)
+
+
+def _fused_bn_backward(ctx, grad_out, _grad_mean, _grad_var, _grad_rstd):
+    x, gamma, sigma, weight, mean, rstd = ctx.saved_tensors
+    grads = relu_dn_bn_bwd(grad_out, x, gamma, sigma, weight, mean, rstd, *ctx.settings)
+    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])), None, None, None, None, None)
+
+
+relu_dn_bn_fwd.register_autograd(_fused_bn_backward, setup_context=_fused_bn_setup_context)

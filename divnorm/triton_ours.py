@@ -365,13 +365,21 @@ def backward(
     )  # fmt: skip
     if need_params:
         total, correction = partial.sum(dim=0)  # the small second reduction: (programs, 2, G) -> 2 x (G,)
-        if need_gamma:
-            grad_gamma = (total if gamma.numel() > 1 else total.sum().reshape(1)).to(gamma.dtype)
-        if need_sigma:
-            s = sigma.float()
-            offset = (s * s if power == 2 else s.abs().pow(power)) + eps
-            d_offset = 2 * s if power == 2 else power * s.abs().pow(power - 1) * s.sign()
-            correction = correction if sigma.numel() > 1 else correction.sum().reshape(1)
-            # the floor on the offset is constant where it is active: no gradient there
-            grad_sigma = (-correction * d_offset * (offset > DENOMINATOR_FLOOR)).to(sigma.dtype)
+        param_grads = parameter_gradients(total, correction, gamma, sigma, power, eps)
+        grad_gamma = param_grads[0] if need_gamma else grad_gamma
+        grad_sigma = param_grads[1] if need_sigma else grad_sigma
     return dx, grad_gamma, grad_sigma
+
+
+def parameter_gradients(
+    total: torch.Tensor, correction: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, power: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgamma, dsigma) from the per-pool sums of ``T`` and ``T / D`` (summed over pools for a single parameter)."""
+    grad_gamma = (total if gamma.numel() > 1 else total.sum().reshape(1)).to(gamma.dtype)
+    s = sigma.float()
+    offset = (s * s if power == 2 else s.abs().pow(power)) + eps
+    d_offset = 2 * s if power == 2 else power * s.abs().pow(power - 1) * s.sign()
+    correction = correction if sigma.numel() > 1 else correction.sum().reshape(1)
+    # the floor on the offset is constant where it is active: no gradient there
+    grad_sigma = (-correction * d_offset * (offset > DENOMINATOR_FLOOR)).to(sigma.dtype)
+    return grad_gamma, grad_sigma

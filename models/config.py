@@ -36,6 +36,9 @@ DEFAULT_DIVNORM_SPECS: dict[str, Any] = {
     "single_gamma": False,
     "single_sigma": False,
     "kernel": "auto",  # ours: fused Triton kernel on CUDA tensors (auto), triton or torch; docs/divnorm-kernel.md
+    # ours before a training BatchNorm: ReLU -> DN -> BN as one function (true | auto: where its Triton kernel
+    # runs, CUDA channels-last | false); docs/divnorm-kernel.md
+    "fuse_bn": False,
 }
 
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {
@@ -96,6 +99,10 @@ def resolve_model_config(model_config: Mapping[str, Any] | None) -> dict[str, An
     if not isinstance(config["divnorm_specs"]["asact"], bool):
         raise ModelConfigError(
             f"model.divnorm_specs.asact must be true or false, got {config['divnorm_specs']['asact']!r}"
+        )
+    if config["divnorm_specs"].get("fuse_bn", False) not in ("auto", True, False):
+        raise ModelConfigError(
+            f'model.divnorm_specs.fuse_bn must be "auto", true or false, got {config["divnorm_specs"]["fuse_bn"]!r}'
         )
     if config["weight_init"] not in WEIGHT_INITS:
         raise ModelConfigError(

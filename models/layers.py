@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 
 from divnorm import build_divnorm
+from divnorm.fused_bn import fusion_applies, relu_divnorm_batchnorm
 from models.config import ModelConfigError
 
 
@@ -32,6 +34,8 @@ class UnitParts:
     act_layer: Callable[..., nn.Module] | None = nn.ReLU
     dn_layer: Callable[[int], nn.Module] | None = None
     norm_layer: Callable[[int], nn.Module] | None = nn.BatchNorm2d
+    # divnorm_specs.fuse_bn: run ReLU -> ours -> BatchNorm (training) as one function (divnorm.fused_bn)
+    fuse_bn: bool | str = False
 
     def act(self, *, inplace: bool) -> nn.Module | None:
         """A new activation module, or ``None`` when the activation is off."""
@@ -69,7 +73,32 @@ def parts_from_config(config: Mapping[str, Any]) -> UnitParts:
         act_layer=nn.ReLU if config["relu"] else None,
         dn_layer=divnorm_factory(config["divnorm_specs"]),
         norm_layer=nn.BatchNorm2d if config["batchnorm"] else None,
+        fuse_bn=config["divnorm_specs"].get("fuse_bn", False),
     )
+
+
+class ConvUnit(nn.Sequential):
+    """``conv -> act -> dn -> norm`` as a sequential (the same module names and checkpoint keys), whose tail runs
+    as one fused function where :func:`divnorm.fused_bn.fusion_applies` says so (``ours`` DN before a training
+    BatchNorm; by default only under ``torch.compile``). Otherwise, and always in eval mode, layer by layer.
+    """
+
+    def __init__(self, modules: OrderedDict[str, nn.Module], *, fuse_bn: bool | str = False) -> None:
+        super().__init__(modules)
+        self.fuse_bn = fuse_bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dn = self._modules.get("dn")
+        if dn is None or self.fuse_bn is False:
+            return super().forward(x)
+        x = self.conv(x)
+        act, norm = self._modules.get("act"), self._modules.get("norm")
+        if fusion_applies(self.fuse_bn, act, dn, norm, x):
+            return relu_divnorm_batchnorm(x, dn, norm, relu=act is not None)
+        for module in (act, dn, norm):
+            if module is not None:
+                x = module(x)
+        return x
 
 
 def conv_unit(
@@ -83,8 +112,8 @@ def conv_unit(
     bias: bool = True,
     act: bool = True,
     dn: bool = True,
-) -> nn.Sequential:
-    """One conv unit: ``Conv2d -> activation -> DN -> norm``.
+) -> ConvUnit:
+    """One conv unit: ``Conv2d -> activation -> DN -> norm`` (a :class:`ConvUnit`).
 
     ``act=False`` / ``dn=False`` leave that part out at this position even when ``parts`` has it (the last conv
     of a residual block); the norm follows ``parts`` alone. The activation runs in place: it directly follows
@@ -99,4 +128,4 @@ def conv_unit(
         "norm": parts.norm(out_channels),
     }
     modules.update((name, module) for name, module in optional.items() if module is not None)
-    return nn.Sequential(modules)
+    return ConvUnit(modules, fuse_bn=parts.fuse_bn)

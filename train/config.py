@@ -43,6 +43,7 @@ UNION_TYPES: dict[str, tuple[type, ...]] = {
     "optimizer.dampening": (float, int),
     "training.compile": (str, bool),  # auto | true | false
     "training.cuda_graphs": (str, bool),  # auto | true | false
+    "model.divnorm_specs.fuse_bn": (str, bool),  # auto | true | false
 }
 
 # Keys with a fixed set of values.
@@ -63,6 +64,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "logging.progress_bar": ("auto", "on", "off"),
     "distributed.backend": ("auto", "nccl", "gloo"),
     "model.divnorm_specs.kernel": ("auto", "triton", "torch"),  # divnorm.ops.KERNEL_CHOICES
+    "model.divnorm_specs.fuse_bn": ("auto", True, False),  # divnorm.fused_bn.FUSE_CHOICES
 }
 
 # Numeric keys with a valid range (low, high), both inclusive, None = unbounded: a value outside is a ConfigError,
