@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shlex
 import signal
 import statistics
@@ -55,6 +56,7 @@ if str(REPO) not in sys.path:  # run as a script: make the project importable
     sys.path.insert(0, str(REPO))
 
 from divnorm import build_divnorm, pool_size  # noqa: E402
+from divnorm.fused_bn import fusion_applies, relu_divnorm_batchnorm  # noqa: E402
 from train.files import write_json_atomic, write_text_atomic  # noqa: E402
 
 STAGE_SHAPES = [(256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (256, 2048, 7, 7)]
@@ -66,6 +68,13 @@ DN_SPECS = {"type": "ours", "p": 0.5, "power": 2}
 PASSES = 5  # forward: read x, write y; backward: read x and dy, write dx
 LAYER_TARGET_MS = 0.70
 TARGETS = {"floor": 1.5, "resnet50_dn": 0.85, "resnet18_dn": 0.90, "resnet50_compile": 1.4}
+# --divnorms: the models part's DN settings (ours_fused: ours with divnorm_specs.fuse_bn=auto, the fused
+# ReLU -> DN -> BatchNorm kernel in every conv unit)
+DIVNORMS = {
+    "nonorm": {"type": "nonorm"},
+    "ours": {"type": "ours"},
+    "ours_fused": {"type": "ours", "fuse_bn": "auto"},
+}
 
 
 class ItemTimeout(Exception):
@@ -208,6 +217,36 @@ class BatchNormReLU(nn.Sequential):
         super().__init__(nn.BatchNorm2d(num_channels), nn.ReLU())
 
 
+class UnitTail(nn.Module):
+    """A conv unit after its conv: ReLU -> BatchNorm (``dn=None``, the no-DN tail) or ReLU -> ``ours`` ->
+    BatchNorm, layer by layer or fused (``fuse_bn``, as :class:`models.layers.ConvUnit` decides it)."""
+
+    def __init__(self, num_channels: int, dn: bool, fuse_bn: bool | str = False) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+        self.dn = build_divnorm({**DN_SPECS, "kernel": "auto"}, num_channels) if dn else None
+        self.norm = nn.BatchNorm2d(num_channels)
+        self.fuse_bn = fuse_bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dn is None:
+            return self.norm(self.act(x))
+        if fusion_applies(self.fuse_bn, self.act, self.dn, self.norm, x):
+            return relu_divnorm_batchnorm(x, self.dn, self.norm, relu=True)
+        return self.norm(self.dn(self.act(x)))
+
+
+def fused_tail(num_channels: int) -> nn.Module:
+    """The fused ReLU -> DN -> BatchNorm kernel (``fuse_bn=auto``): on CUDA, or on the CPU under Triton's interpreter
+    (the dry run); skipped elsewhere."""
+    tail = UnitTail(num_channels, dn=True, fuse_bn="auto")
+    if not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise Skip("the fused ReLU-DN-BatchNorm kernel needs a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
+        tail.dn.kernel = "triton"  # auto takes the kernel for CUDA tensors only
+    return tail
+
+
 def layer_item(build: Callable[[], nn.Module], shape, dtype, device, args, *, compiled: bool, reference=None):
     """Forward + backward of the layer ``build()`` makes on a (channels-last) tensor of ``shape``."""
 
@@ -271,12 +310,30 @@ def bench_layer(shape, device, dtype, args, budget: Budget, kernel_ok: tuple[boo
         "batchnorm_relu_compiled": layer_item(
             lambda: BatchNormReLU(channels), shape, dtype, device, args, compiled=True
         ),
+        # the whole unit tail after the conv, which is what a model runs: no DN, DN layer by layer, DN fused
+        "tail_relu_bn_compiled": layer_item(
+            lambda: UnitTail(channels, False), shape, dtype, device, args, compiled=True
+        ),
+        "tail_relu_ours_bn_compiled": layer_item(
+            lambda: UnitTail(channels, True), shape, dtype, device, args, compiled=True
+        ),
+        "tail_fused": layer_item(
+            lambda: fused_tail(channels),
+            shape,
+            dtype,
+            device,
+            args,
+            compiled=False,
+            reference=lambda: UnitTail(channels, True),
+        ),
+        "tail_fused_compiled": layer_item(lambda: fused_tail(channels), shape, dtype, device, args, compiled=True),
     }
     if args.warm_cache:  # only what compiles (the Triton kernel's JIT included)
         variants = {name: work for name, work in variants.items() if "compiled" in name or "triton" in name}
+    kernels = {"ours_triton": "triton", "tail_fused": "fused_bn", "tail_fused_compiled": "fused_bn"}
     for name, work in variants.items():
         entry["variants"][name] = budget.run(work)
-        entry["variants"][name]["kernel"] = {"ours_triton": "triton"}.get(name, "torch" if "ours" in name else None)
+        entry["variants"][name]["kernel"] = kernels.get(name, "torch" if "ours" in name else None)
         yield_progress(args, f"layer {tuple(shape)} {name}", entry["variants"][name])
     return entry
 
@@ -291,7 +348,7 @@ def model_item(name: str, size: int, batch: int, classes: int, divnorm: str, com
         if compiled and args.dry_run:
             raise Skip("dry run: eager only (compiling on the CPU needs minutes)")
         torch.manual_seed(0)
-        specs = {"type": divnorm}
+        specs = DIVNORMS[divnorm]
         model = models.create_model(name, num_classes=classes, model_config={"divnorm_specs": specs}, image_size=size)
         model = model.to(device, memory_format=torch.channels_last).train()
         try:  # one kernel for the whole update where this torch has it (the trainer's choice on a GPU)
@@ -328,12 +385,12 @@ def model_item(name: str, size: int, batch: int, classes: int, divnorm: str, com
 def bench_models(device, args, budget: Budget, result: dict[str, Any]) -> None:
     """Per model eager first (seconds), then compiled (a minute each for ResNet-50): when the time cap runs out,
     it takes as few figures as it can."""
-    order = [(False, False), (True, False), (False, True), (True, True)]  # (DN, compiled)
+    order = [(divnorm, compiled) for compiled in (False, True) for divnorm in DIVNORMS]
     for name, size, batch, classes in DRY_MODELS if args.dry_run else MODELS:
         if name not in args.models:
             continue
-        for dn, compiled in order:
-            divnorm = "ours" if dn else "nonorm"
+        for divnorm, compiled in order:
+            dn = divnorm != "nonorm"
             if divnorm not in args.divnorms or (args.warm_cache and not compiled):
                 continue
             record: dict[str, Any] = {
@@ -344,6 +401,7 @@ def bench_models(device, args, budget: Budget, result: dict[str, Any]) -> None:
                 "divnorm": divnorm,
                 # the model's default kernel: Triton on CUDA once divnorm_specs.kernel (auto) exists, else torch
                 "divnorm_kernel": None if not dn else "auto" if result["kernel_key_supported"] else "torch",
+                "fuse_bn": DIVNORMS[divnorm].get("fuse_bn", False),
                 "compile": compiled,
                 "amp": str(args.amp_dtype).replace("torch.", "") if args.amp_dtype else "fp32",
             }
@@ -398,8 +456,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 1.0,
             )
     for name, key in (("resnet50", "resnet50_dn"), ("resnet18", "resnet18_dn")):
-        value = _ratio(_model(result, name, "ours", True), _model(result, name, "nonorm", True))
-        add(f"{name} DN / no DN, compiled", value, ">=", TARGETS[key])
+        for divnorm, label in (("ours", "DN"), ("ours_fused", "DN fused with BN")):
+            value = _ratio(_model(result, name, divnorm, True), _model(result, name, "nonorm", True))
+            add(f"{name} {label} / no DN, compiled", value, ">=", TARGETS[key])
     value = _ratio(_model(result, "resnet50", "nonorm", True), _model(result, "resnet50", "nonorm", False))
     add("resnet50 compiled / eager upper bound", value, ">=", TARGETS["resnet50_compile"])
     return rows
@@ -422,6 +481,9 @@ def ratios(result: dict[str, Any]) -> dict[str, float | None]:
         out[f"ours compiled / BatchNorm+ReLU compiled {shape}"] = _ratio(
             _ok(variants.get("ours_compiled"), "ms"), _ok(variants.get("batchnorm_relu_compiled"), "ms")
         )
+        no_dn = _ok(variants.get("tail_relu_bn_compiled"), "ms")
+        for key in ("tail_relu_ours_bn_compiled", "tail_fused", "tail_fused_compiled"):
+            out[f"{key} / tail_relu_bn_compiled {shape}"] = _ratio(_ok(variants.get(key), "ms"), no_dn)
     return out
 
 
@@ -460,12 +522,27 @@ def markdown(result: dict[str, Any]) -> str:
         "| shape | pool | floor | eager | compiled | Triton | BN+ReLU eager | BN+ReLU compiled |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    tail_lines = [
+        "",
+        "## The unit tail after the conv, forward + backward, ms (median)",
+        "",
+        "ReLU -> BatchNorm compiled (no DN); ReLU -> ours -> BatchNorm compiled layer by layer; the same fused "
+        "(`fuse_bn`: the Triton kernels), eager and inside a compiled module.",
+        "",
+        "| shape | no DN, compiled | DN layers, compiled | DN fused | DN fused, compiled | fused / no DN |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for entry in result["layer"]:
         v = entry["variants"]
         floor = f"{entry['floor_ms']:.3f}" if entry.get("floor_ms") else "–"
         cells = [_cell(v.get(k), "ms") for k in ("ours_eager", "ours_compiled", "ours_triton")]
         cells += [_cell(v.get(k), "ms") for k in ("batchnorm_relu_eager", "batchnorm_relu_compiled")]
         lines.append(f"| {tuple(entry['shape'])} | {entry['pool_size']} | {floor} | " + " | ".join(cells) + " |")
+        keys = ("tail_relu_bn_compiled", "tail_relu_ours_bn_compiled", "tail_fused", "tail_fused_compiled")
+        ratio = _ratio(_ok(v.get("tail_fused"), "ms"), _ok(v.get("tail_relu_bn_compiled"), "ms"))
+        tail_cells = [_cell(v.get(k), "ms") for k in keys] + [f"{ratio:.2f}" if ratio else "–"]
+        tail_lines.append(f"| {tuple(entry['shape'])} | " + " | ".join(tail_cells) + " |")
+    lines += tail_lines
     lines += [
         "",
         "## Training step on a fixed batch, images/s",
@@ -545,7 +622,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=None, help="layer calls per repeat (default 10, dry run 2)")
     p.add_argument("--model-calls", type=int, default=None, help="training steps per repeat (default 4, dry run 1)")
     p.add_argument("--copy-gib", type=float, default=None, help="size of the bandwidth copy (default 4, dry run 0.01)")
-    p.add_argument("--divnorms", default="nonorm,ours", help="comma list of nonorm, ours (the models part)")
+    p.add_argument(
+        "--divnorms",
+        default=",".join(DIVNORMS),
+        help="comma list of nonorm, ours, ours_fused (ours with fuse_bn=auto) for the models part",
+    )
     p.add_argument("--shapes", default=None, help="comma list of stage-shape indices for the layer part (default all)")
     p.add_argument(
         "--warm-cache",
@@ -566,12 +647,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = (
         [x for x in args.parts if x not in ("layer", "models")]
         + [x for x in args.models if x not in ("resnet50", "resnet18")]
-        + [x for x in args.divnorms if x not in ("nonorm", "ours")]
+        + [x for x in args.divnorms if x not in DIVNORMS]
     )
     if bad:
         p.error(
             f"unknown part, model or divnorm {', '.join(bad)}; --parts takes layer,models, --models "
-            "resnet50,resnet18 and --divnorms nonorm,ours"
+            f"resnet50,resnet18 and --divnorms {','.join(DIVNORMS)}"
         )
     shapes = DRY_SHAPES if dry else STAGE_SHAPES
     try:

@@ -25,14 +25,15 @@
 #   arguments (e.g. "--parts models" or "--models resnet50" to split it over two calls). Add "tests" (with
 #   TEST_CAP) for the GPU tests in the same call when the budget allows; DALI and the sample tree are set up only
 #   for the steps that read data.
-# Issues 18 + 19, what session 4 left (two calls back to back, nothing carried; the machine started in ~30 s there):
-#   1. OUT=$OUT STEPS="gputests step tune" bash benchmarks/gpu/device_session.sh   (timeout_s ~520: phase 1 ~170 s,
-#      step ~150, tune ~170)
-#   2. at once (compile caches still warm): OUT=$OUT STEPS="recipe r18" RECIPE_CAP=150 (timeout_s ~300)
+# Issues 18 + 19, what sessions 4 and 5 left (two calls back to back, nothing carried; the machine started in ~30 s):
+#   1. OUT=$OUT STEPS="gputests step" STEP_CAP=300 bash benchmarks/gpu/device_session.sh   (timeout_s ~500: phase 1
+#      ~170 s with the fused-BN tests and warm-ups, step ~300: the unit-tail items and ours_fused models are new)
+#   2. at once (compile caches still warm): OUT=$OUT STEPS="recipe r18 tune" RECIPE_CAP=150 (timeout_s ~480)
+#   Then: if the fused kernel's GPU tests pass and ours_fused beats ours, make divnorm_specs.fuse_bn default auto.
 #   add compare (2 x COMPARE_CAP) only with time to spare.
 # Session 4's call: OUT=$OUT STEPS="gputests compare step recipe" ... (timeout_s 560)
 #   phase 1, untimed, side by side (~170 s): the GPU tests without DALI / FFCV (GPUTEST_CAP), the compile-cache
-#   warm-up of gpu_step.py (5 processes, WARM_CAP) and the capture-vs-uncaptured accuracy check (compare: two
+#   warm-up of gpu_step.py (6 processes, WARM_CAP) and the capture-vs-uncaptured accuracy check (compare: two
 #   COMPARE_EPOCHS runs, COMPARE_CAP each); then, alone on the machine, the timed step (STEP_CAP, ~180 s) and the
 #   90-epoch AlexNet-DN recipe (RECIPE_CAP, cuda graphs + compile by default). Everything comes back packed in
 #   $OUT/session.tar.gz (step/, step-warm/, compare/, recipe-alexnet-dn/, pytest-gpu.*) beside log.txt.
@@ -87,13 +88,13 @@ if has gputests; then
   step "GPU tests (no DALI / FFCV / data), in the background"
   # -k: a trainer test installs a SIGTERM handler (preemption) that outlives the signal of a plain timeout
   (timeout -k 10 "${GPUTEST_CAP:-170}" $PY -m pytest -m gpu -v -p no:cacheprovider --timeout 120 -o addopts=-ra \
-     -k "not dali and not ffcv${PYTEST_K:+ and ($PYTEST_K)}" tests/test_graphed.py tests/test_divnorm_kernel.py \
+     -k "not dali and not ffcv${PYTEST_K:+ and ($PYTEST_K)}" tests/test_graphed.py tests/test_divnorm_kernel.py tests/test_fused_bn.py \
      tests/test_train_run.py tests --junitxml="$KEEP/pytest-gpu.xml" >"$KEEP/pytest-gpu.txt" 2>&1
    echo "pytest exit $?" >>"$KEEP/pytest-gpu.txt") &
   bg+=($!)
 fi
 if has step && [ "${STEP_WARM:-1}" = 1 ]; then
-  step "compile-cache warm-up: gpu_step.py --warm-cache, 5 processes"
+  step "compile-cache warm-up: gpu_step.py --warm-cache, 6 processes"
   warm() { local name=$1; shift
     (timeout -k 10 "${WARM_CAP:-150}" $PY benchmarks/gpu_step.py --warm-cache --out "$KEEP/step-warm/$name" \
        --time-cap $((${WARM_CAP:-150} - 5)) --item-cap 140 "$@" >"$KEEP/step-warm/$name.txt" 2>&1
@@ -103,6 +104,7 @@ if has step && [ "${STEP_WARM:-1}" = 1 ]; then
   mkdir -p "$KEEP/step-warm"
   warm r50-nonorm --parts models --models resnet50 --divnorms nonorm
   warm r50-ours --parts models --models resnet50 --divnorms ours
+  warm r50-fused --parts models --models resnet50 --divnorms ours_fused
   warm r18 --parts models --models resnet18
   warm layer-01 --parts layer --shapes 0,1
   warm layer-23 --parts layer --shapes 2,3
