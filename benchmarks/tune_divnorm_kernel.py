@@ -7,12 +7,17 @@ backward), the forward and the backward are timed apart with CUDA events (``trit
 after warm-up) and checked against the torch path. Each pass has its own floor at the device-to-device copy
 bandwidth measured here: forward 2 passes over the tensor (read x, write y), backward 3 (read x and dy, write dx).
 
+``--kernel fused_bn`` sweeps the same ``TUNING`` for the fused ReLU -> ours -> BatchNorm kernels
+(``divnorm.triton_fused_bn``, ``divnorm_specs.fuse_bn``) instead, against the torch function
+``divnorm.fused_bn.ReluDivNormBatchNormFunction``: forward = statistics + output kernels (floor 3 passes: read x
+twice, write out), backward = statistics + input kernels (floor 5: read x and dout twice, write dx).
+
 results.json / results.md: every setting's times and ratios to the floor, the best setting per shape and pass, and
 the one setting with the least forward + backward time summed over the shapes: the candidate for the kernel's
 default ``TUNING`` (commit it there once measured). Items stop being started when ``--time-cap`` is spent; the
 files are rewritten after each shape.
 
-    python benchmarks/tune_divnorm_kernel.py --out DIR [--time-cap 150]
+    python benchmarks/tune_divnorm_kernel.py --out DIR [--time-cap 150] [--kernel dn|fused_bn]
     python benchmarks/tune_divnorm_kernel.py --out DIR --dry-run   # CPU: Triton's interpreter, tiny shapes
 """
 
@@ -41,6 +46,8 @@ BACKWARD_PROGRAMS = [4, 8, 16]
 DRY_GRID = {"tile_elements": [1024, 4096], "elements_per_warp": [512]}
 DRY_BACKWARD_PROGRAMS = [8]
 P, POWER, EPS = 0.5, 2.0, 0.0  # the trainer's defaults for ``ours``
+BN_EPS = 1e-5  # nn.BatchNorm2d's
+KERNEL_TITLES = {"dn": "the fused `ours` kernel", "fused_bn": "the fused ReLU -> ours -> BatchNorm kernels"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,8 +55,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="folder for results.json and results.md")
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter: tiny shapes, 2 settings")
     p.add_argument("--time-cap", type=float, default=150.0, help="seconds; settings after it are not started")
-    p.add_argument("--channels-first", action="store_true", help="NCHW instead of channels-last")
-    return p.parse_args(argv)
+    p.add_argument("--channels-first", action="store_true", help="NCHW instead of channels-last (dn only)")
+    p.add_argument(
+        "--kernel",
+        choices=("dn", "fused_bn"),
+        default="dn",
+        help="dn: the ours kernel; fused_bn: the ReLU -> ours -> BatchNorm kernels (channels-last)",
+    )
+    args = p.parse_args(argv)
+    if args.kernel == "fused_bn" and args.channels_first:
+        p.error("--kernel fused_bn takes channels-last tensors only")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from divnorm import pool_size, triton_ours
+    from divnorm import pool_size, triton_fused_bn, triton_ours
+    from divnorm.fused_bn import ReluDivNormBatchNormFunction
     from divnorm.grouped import GroupedDivNormFunction
 
     cuda = torch.cuda.is_available() and not args.dry_run
@@ -99,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "benchmark": "tune_divnorm_kernel",
+        "kernel": args.kernel,
         "dry_run": args.dry_run,
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu (Triton interpreter)",
         "torch": torch.__version__,
@@ -121,16 +139,34 @@ def main(argv: list[str] | None = None) -> int:
             dy = torch.randn(shape, device=device, generator=generator).to(dtype, memory_format=memory_format)
             gamma = torch.zeros(channels // pool, device=device)
             sigma = torch.ones(channels // pool, device=device)
+            weight = torch.ones(channels, device=device)
+            bias = torch.zeros(channels, device=device)
             # the reference: the torch path in fp32, forward and backward by hand
             xr = x.float().requires_grad_(True)
-            yr = GroupedDivNormFunction.apply(xr, gamma, sigma, pool, POWER, EPS)
+            if args.kernel == "dn":
+                yr = GroupedDivNormFunction.apply(xr, gamma, sigma, pool, POWER, EPS)
+                forward_fn = functools.partial(triton_ours.forward, x, gamma, sigma, pool, POWER, EPS)
+                backward_fn = functools.partial(
+                    triton_ours.backward, dy, x, gamma, sigma, pool, POWER, EPS, True, True, True
+                )
+                passes = (2, 3)
+            else:
+                bn_args = (pool, POWER, EPS, BN_EPS, True)
+                yr = ReluDivNormBatchNormFunction.apply(xr, gamma, sigma, weight, bias, *bn_args)[0]
+                forward_fn = functools.partial(triton_fused_bn.forward, x, gamma, sigma, weight, bias, *bn_args)
+                _, mean, _, rstd = forward_fn()
+                backward_fn = functools.partial(
+                    triton_fused_bn.backward, dy, x, gamma, sigma, weight, mean, rstd, pool, POWER, EPS, True
+                )
+                passes = (3, 5)
             yr.backward(dy.float())
             element = x.element_size()
+            moved = [n * x.numel() * element for n in passes]
             entry: dict[str, Any] = {
                 "shape": list(shape),
                 "pool": pool,
-                "floor_forward_ms": round(2 * x.numel() * element / bandwidth * 1000, 4) if bandwidth else None,
-                "floor_backward_ms": round(3 * x.numel() * element / bandwidth * 1000, 4) if bandwidth else None,
+                "floor_forward_ms": round(moved[0] / bandwidth * 1000, 4) if bandwidth else None,
+                "floor_backward_ms": round(moved[1] / bandwidth * 1000, 4) if bandwidth else None,
                 "settings": [],
             }
             tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
@@ -139,16 +175,14 @@ def main(argv: list[str] | None = None) -> int:
                     entry["stopped"] = "time cap"
                     break
                 triton_ours.TUNING.update(tile_elements=tile, elements_per_warp=per_warp)
-                y = triton_ours.forward(x, gamma, sigma, pool, POWER, EPS)
+                y = forward_fn()
+                y = y[0] if isinstance(y, tuple) else y
                 ok = bool(torch.allclose(y.float(), yr.detach(), rtol=tol, atol=tol))
                 row = {"tile_elements": tile, "elements_per_warp": per_warp}
-                forward = functools.partial(triton_ours.forward, x, gamma, sigma, pool, POWER, EPS)
-                row["forward_ms"] = round(timed(forward), 4)
+                row["forward_ms"] = round(timed(forward_fn), 4)
                 for per_sm in programs:
                     triton_ours.TUNING["backward_programs_per_sm"] = per_sm
-                    backward = functools.partial(
-                        triton_ours.backward, dy, x, gamma, sigma, pool, POWER, EPS, True, True, True
-                    )
+                    backward = backward_fn
                     ok_b = bool(torch.allclose(backward()[0].float(), xr.grad, rtol=tol, atol=tol))
                     entry["settings"].append(
                         {
@@ -213,7 +247,7 @@ def _write(result: dict[str, Any], out: Path) -> None:
 
 def _markdown(result: dict[str, Any]) -> str:
     lines = [
-        "# The fused `ours` kernel's launch shape",
+        f"# The launch shape of {KERNEL_TITLES[result.get('kernel', 'dn')]}",
         "",
         f"- {result['device_name']}; torch {result['torch']}, Triton {result['triton']}; {result['started']} UTC",
         f"- {result['dtype']}, {result['memory_format']}; copy bandwidth {result['copy_gb_per_second']} GB/s",

@@ -242,10 +242,15 @@ class _Blocks:
     num_warps: int
 
 
-@functools.lru_cache(maxsize=256)  # a handful of layer shapes per model: no per-call Python arithmetic
 def _blocks(layout: _Layout, num_pools: int, pool: int) -> _Blocks:
-    """Tile shape: whole pools always (the sum stays in registers); rows of C for channels-last, else pixel runs."""
-    tile = int(TUNING["tile_elements"])
+    """Tile shape: whole pools always (the sum stays in registers); rows of C for channels-last, else pixel runs.
+
+    Follows ``TUNING`` as it is at the call (the tuning sweep changes it between calls)."""
+    return _tile_shape(layout, num_pools, pool, int(TUNING["tile_elements"]), int(TUNING["elements_per_warp"]))
+
+
+@functools.lru_cache(maxsize=256)  # a handful of layer shapes per model: no per-call Python arithmetic
+def _tile_shape(layout: _Layout, num_pools: int, pool: int, tile: int, elements_per_warp: int) -> _Blocks:
     block_s = _next_power_of_2(pool)
     block_g_max = _next_power_of_2(num_pools)
     if layout.channels_last:
@@ -257,7 +262,7 @@ def _blocks(layout: _Layout, num_pools: int, pool: int) -> _Blocks:
         block_pix = min(max(min(128, tile // block_s), 8), _next_power_of_2(layout.pixels))
         block_g = min(block_g_max, max(1, tile // (block_pix * block_s)))
     block_pix = min(block_pix, _next_power_of_2(layout.pixels))
-    num_warps = min(16, max(1, block_pix * block_g * block_s // int(TUNING["elements_per_warp"])))
+    num_warps = min(16, max(1, block_pix * block_g * block_s // elements_per_warp))
     return _Blocks(block_pix, block_g, block_s, num_warps)
 
 

@@ -297,19 +297,41 @@ def test_compiled_training_matches_eager_on_cuda():
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the child's parent")
-def test_tuning_sweep_dry_run(tmp_path):
+@pytest.mark.parametrize("kernel", ["dn", "fused_bn"])
+def test_tuning_sweep_dry_run(tmp_path, kernel):
     """benchmarks/tune_divnorm_kernel.py on the CPU (its own TRITON_INTERPRET=1 child): every swept launch shape
-    computes what the torch path computes, and the kernel's TUNING is what the sweep returns to."""
+    computes what the torch path computes, and the kernel's TUNING is what the sweep returns to; for the DN kernel
+    and for the fused ReLU -> DN -> BatchNorm kernels."""
     from divnorm import triton_ours
 
     out = tmp_path / "tune"
-    command = [sys.executable, str(REPO / "benchmarks" / "tune_divnorm_kernel.py"), "--out", str(out), "--dry-run"]
+    command = [sys.executable, str(REPO / "benchmarks" / "tune_divnorm_kernel.py"), "--out", str(out), "--dry-run",
+               "--kernel", kernel]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
+    assert report["kernel"] == kernel
     assert [entry["shape"] for entry in report["shapes"]] == [[2, 64, 4, 4], [2, 256, 2, 2]]
     rows = [row for entry in report["shapes"] for row in entry["settings"]]
     assert len(rows) == 4 and all(row["matches_torch_path"] for row in rows)
     assert {row["tile_elements"] for row in rows} == {1024, 4096}
     assert report["best_overall"] is not None and report["default_tuning"] == triton_ours.TUNING
     assert "| (2, 64, 4, 4) | 8 |" in (out / "results.md").read_text()
+
+
+def test_tile_shape_follows_tuning_at_every_call():
+    """TUNING is read at each call (the sweep changes it between calls): the cached tile shape is keyed on it."""
+    from divnorm import triton_ours
+
+    x = torch.randn(4, 256, 8, 8).to(memory_format=torch.channels_last)
+    layout, saved = triton_ours._layout(x), dict(triton_ours.TUNING)
+    try:
+        triton_ours.TUNING.update(tile_elements=4096, elements_per_warp=512)
+        big = triton_ours._blocks(layout, 16, 16)
+        triton_ours.TUNING.update(tile_elements=1024, elements_per_warp=256)
+        small = triton_ours._blocks(layout, 16, 16)
+    finally:
+        triton_ours.TUNING.clear()
+        triton_ours.TUNING.update(saved)
+    assert (big.pix, big.pools, big.pool, big.num_warps) == (16, 16, 16, 8)
+    assert (small.pix, small.pools, small.pool, small.num_warps) == (4, 16, 16, 4)

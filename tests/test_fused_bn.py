@@ -270,6 +270,28 @@ def test_interpreted_fused_custom_op_registration():
     torch.library.opcheck(relu_dn_bn_fwd, args)
 
 
+@interpreted
+def test_interpreted_compiled_unit_with_the_kernel_has_no_graph_break():
+    """Dynamo traces a conv unit whose tail is the fused custom op into one graph; the compiled step (aot_eager)
+    gives the eager unit's output, conv gradient and running statistics."""
+    torch.manual_seed(0)
+    config = {"divnorm_specs": {"type": "ours", "kernel": "triton", "fuse_bn": True}}
+    model = create_model("alexnet", num_classes=10, model_config=config, image_size=32)
+    unit = next(m for m in model.modules() if isinstance(m, ConvUnit) and m.conv.in_channels > 3)
+    x = torch.randn(2, unit.conv.in_channels, 4, 4).to(memory_format=torch.channels_last)
+    explanation = torch._dynamo.explain(copy.deepcopy(unit))(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert "divnorm.relu_dn_bn_fwd" in explanation.graphs[0].code
+    eager_unit, compiled_unit = copy.deepcopy(unit), copy.deepcopy(unit)
+    expected = eager_unit(x)
+    actual = torch.compile(compiled_unit, backend="aot_eager")(x)
+    torch.testing.assert_close(actual, expected)
+    expected.square().sum().backward()
+    actual.square().sum().backward()
+    torch.testing.assert_close(compiled_unit.conv.weight.grad, eager_unit.conv.weight.grad)
+    torch.testing.assert_close(compiled_unit.norm.running_var, eager_unit.norm.running_var)
+
+
 @pytest.mark.skipif(INTERPRETED or importlib.util.find_spec("triton") is None, reason="the child's parent")
 def test_fused_kernel_under_triton_interpreter():
     """Runs every ``test_interpreted_*`` test here in a child pytest started with TRITON_INTERPRET=1."""
@@ -279,7 +301,7 @@ def test_fused_kernel_under_triton_interpreter():
     output = result.stdout[-6000:] + result.stderr[-3000:]
     assert result.returncode == 0, output
     passed = re.search(r"(\d+) passed", result.stdout)
-    assert passed and int(passed.group(1)) == len(KERNEL_CASES) + 3, output
+    assert passed and int(passed.group(1)) == len(KERNEL_CASES) + 4, output
 
 
 # ---- GPU (skipped without CUDA; see tests/conftest.py) ----

@@ -28,7 +28,8 @@
 # Issues 18 + 19, what sessions 4 and 5 left (two calls back to back, nothing carried; the machine started in ~30 s):
 #   1. OUT=$OUT STEPS="gputests step" STEP_CAP=300 bash benchmarks/gpu/device_session.sh   (timeout_s ~500: phase 1
 #      ~170 s with the fused-BN tests and warm-ups, step ~300: the unit-tail items and ours_fused models are new)
-#   2. at once (compile caches still warm): OUT=$OUT STEPS="recipe r18 tune" RECIPE_CAP=150 (timeout_s ~480)
+#   2. at once (compile caches still warm): OUT=$OUT STEPS="tune recipe" TUNE_KERNELS=fused_bn TUNE_CAP=140
+#      RECIPE_CAP=150 (timeout_s ~320). Left for a later call: r18 (2 x R18_CAP), tune of the dn kernel.
 #   Then: if the fused kernel's GPU tests pass and ours_fused beats ours, make divnorm_specs.fuse_bn default auto.
 #   add compare (2 x COMPARE_CAP) only with time to spare.
 # Session 4's call: OUT=$OUT STEPS="gputests compare step recipe" ... (timeout_s 560)
@@ -144,13 +145,16 @@ if has step; then
   pack
 fi
 
-# ---- tune (issue 18): the fused DN kernel's launch shape swept at the ResNet-50 stage shapes (forward and backward
-# apart, each against its memory floor); TUNE_CAP (s). Commit the best setting as divnorm/triton_ours.py's TUNING.
+# ---- tune (issue 18): the fused kernels' launch shape swept at the ResNet-50 stage shapes (forward and backward apart,
+# each against its memory floor): TUNE_KERNELS (default "fused_bn dn": the ReLU -> DN -> BatchNorm kernels, then the DN
+# kernel), TUNE_CAP (s) each. Commit the best setting as divnorm/triton_ours.py's TUNING (both share it).
 if has tune; then
-  step "tune: the fused DN kernel's tile / warps / backward programs at the ResNet-50 stage shapes"
-  timeout -k 10 "${TUNE_CAP:-170}" $PY benchmarks/tune_divnorm_kernel.py --out "$KEEP/tune" \
-    --time-cap $((${TUNE_CAP:-170} - 20)) 2>&1 | tail -4
-  pack
+  for kernel in ${TUNE_KERNELS:-fused_bn dn}; do
+    step "tune $kernel: tile / warps / backward programs at the ResNet-50 stage shapes"
+    timeout -k 10 "${TUNE_CAP:-170}" $PY benchmarks/tune_divnorm_kernel.py --kernel "$kernel" --out "$KEEP/tune-$kernel" \
+      --time-cap $((${TUNE_CAP:-170} - 20)) 2>&1 | tail -4
+    pack
+  done
 fi
 
 # ---- recipe (issue 19): the original CIFAR-100 recipe end to end, no DALI / FFCV needed --------------------------
