@@ -490,7 +490,7 @@ def test_gpu_step_dry_run_writes_every_item(tmp_path):
         variants = entry["variants"]
         assert set(variants) == {"ours_eager", "ours_compiled", "ours_triton", "batchnorm_relu_eager",
                                  "batchnorm_relu_compiled", "tail_relu_bn_compiled", "tail_relu_ours_bn_compiled",
-                                 "tail_fused", "tail_fused_compiled"}  # fmt: skip
+                                 "tail_function_compiled", "tail_kernel", "tail_kernel_compiled"}  # fmt: skip
         assert entry["pool_size"] == 8 and entry["bytes_moved"] == 5 * 4 * math.prod(entry["shape"])  # fp32 here
         bandwidth = result["copy"]["gb_per_second"] * 1e9
         assert entry["floor_ms"] == pytest.approx(entry["bytes_moved"] / bandwidth * 1000, rel=1e-3, abs=1e-4)
@@ -498,14 +498,18 @@ def test_gpu_step_dry_run_writes_every_item(tmp_path):
             item = variants[name]
             assert item["status"] == "ok" and item["ms_min"] <= item["ms"] <= item["ms_max"] and item["ms"] > 0
             assert item["repeats"] == 2 and item["first_call_seconds"] > 0
-        for name in ("ours_compiled", "batchnorm_relu_compiled", "tail_relu_bn_compiled", "tail_fused_compiled"):
+        compiled = ("ours_compiled", "batchnorm_relu_compiled", "tail_relu_bn_compiled", "tail_relu_ours_bn_compiled",
+                    "tail_function_compiled", "tail_kernel_compiled")  # fmt: skip
+        for name in compiled:
             assert variants[name]["status"] == "skipped" and "dry run" in variants[name]["reason"]
-        for name in ("ours_triton", "tail_fused"):  # the kernels against the eager layers
+        for name in ("ours_triton", "tail_kernel"):  # the kernels against the eager layers
             kernel = variants[name]
             assert kernel["status"] == "ok" and kernel["max_abs_diff_vs_eager"] < 1e-4, kernel
     assert [(m["model"], m["divnorm"], m["compile"]) for m in result["models"]] == [
         ("resnet18", "nonorm", False), ("resnet18", "ours", False), ("resnet18", "ours_fused", False),
+        ("resnet18", "ours_fused_kernel", False),
         ("resnet18", "nonorm", True), ("resnet18", "ours", True), ("resnet18", "ours_fused", True),
+        ("resnet18", "ours_fused_kernel", True),
     ]  # fmt: skip
     for record in result["models"]:
         assert (record["resolution"], record["batch_size"], record["num_classes"]) == (16, 2, 10)
@@ -520,8 +524,10 @@ def test_gpu_step_dry_run_writes_every_item(tmp_path):
         "ours fwd+bwd (2, 128, 4, 4), Triton / compiled torch path",
         "resnet50 DN / no DN, compiled",
         "resnet50 DN fused with BN / no DN, compiled",
+        "resnet50 DN+BN kernels / no DN, compiled",
         "resnet18 DN / no DN, compiled",
         "resnet18 DN fused with BN / no DN, compiled",
+        "resnet18 DN+BN kernels / no DN, compiled",
         "resnet50 compiled / eager upper bound",
     ]
     for row in result["targets"]:

@@ -178,7 +178,7 @@ def test_fusion_applies_only_where_it_is_exact():
     relu = nn.ReLU()
     assert fusion_applies(True, relu, dn, norm, x) and fusion_applies(True, None, dn, norm, x)
     assert not fusion_applies(False, relu, dn, norm, x)
-    assert not fusion_applies("auto", relu, dn, norm, x)  # auto: only where the Triton kernel runs (CUDA)
+    assert not fusion_applies("auto", relu, dn, norm, x)  # auto: CUDA tensors only
     assert not fusion_applies(True, nn.GELU(), dn, norm, x)
     assert not fusion_applies(True, relu, dn, nn.SyncBatchNorm(64), x)
     assert not fusion_applies(True, relu, build_divnorm({"type": "ken"}, 64), norm, x)
@@ -332,16 +332,19 @@ def test_fused_kernel_matches_the_three_layers_on_cuda(shape, p, power):
 
 
 @pytest.mark.gpu
-def test_compiled_model_with_fused_kernel_has_no_graph_break_and_trains_like_eager_on_cuda():
+@pytest.mark.parametrize("kernel", ["auto", "triton"])
+def test_compiled_fused_model_has_no_graph_break_and_trains_like_the_unfused_one_on_cuda(kernel):
+    """fuse_bn=auto, compiled: kernel=auto traces the torch function (no custom op in the graph), kernel=triton the
+    fused kernels' custom op; either way one graph, and five bf16 SGD steps follow the unfused eager model's."""
     x = torch.randn(16, 3, 32, 32, device="cuda").to(memory_format=torch.channels_last)
     target = torch.randint(0, 10, (16,), device="cuda")
-    model = _unit_model("auto", kernel="auto").cuda().to(memory_format=torch.channels_last)
+    model = _unit_model("auto", kernel=kernel).cuda().to(memory_format=torch.channels_last)
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0
-    assert "divnorm.relu_dn_bn_fwd" in explanation.graphs[0].code
+    assert ("divnorm.relu_dn_bn_fwd" in explanation.graphs[0].code) == (kernel == "triton")
     losses = {}
     for mode, fuse_bn in (("unfused", False), ("fused-compiled", "auto")):
-        net = _unit_model(fuse_bn, kernel="auto").cuda().to(memory_format=torch.channels_last)
+        net = _unit_model(fuse_bn, kernel=kernel).cuda().to(memory_format=torch.channels_last)
         step_model = torch.compile(net) if mode == "fused-compiled" else net
         optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         losses[mode] = []
@@ -355,3 +358,14 @@ def test_compiled_model_with_fused_kernel_has_no_graph_break_and_trains_like_eag
     torch.testing.assert_close(
         torch.tensor(losses["fused-compiled"]), torch.tensor(losses["unfused"]), rtol=3e-2, atol=3e-2
     )
+
+
+@pytest.mark.gpu
+def test_fuse_bn_auto_takes_the_kernels_eagerly_on_cuda():
+    model = _unit_model("auto", kernel="auto").cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    with torch.profiler.profile() as prof:
+        model(x).sum().backward()
+        torch.cuda.synchronize()
+    names = {event.name for event in prof.events()}
+    assert any("relu_dn_bn_fwd" in name for name in names) and any("relu_dn_bn_bwd" in name for name in names)

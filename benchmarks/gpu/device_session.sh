@@ -30,11 +30,12 @@
 #      ~170 s with the fused-BN tests and warm-ups, step ~300: the unit-tail items and ours_fused models are new)
 #   2. at once (compile caches still warm): OUT=$OUT STEPS="tune recipe" TUNE_KERNELS=fused_bn TUNE_CAP=140
 #      RECIPE_CAP=150 (timeout_s ~320). Left for a later call: r18 (2 x R18_CAP), tune of the dn kernel.
-#   Then: if the fused kernel's GPU tests pass and ours_fused beats ours, make divnorm_specs.fuse_bn default auto.
+#   Then: if the fused GPU tests pass and ours_fused (or ours_fused_kernel) beats ours, make divnorm_specs.fuse_bn
+#   default auto (and kernel=auto's compiled choice the faster of the two).
 #   add compare (2 x COMPARE_CAP) only with time to spare.
 # Session 4's call: OUT=$OUT STEPS="gputests compare step recipe" ... (timeout_s 560)
 #   phase 1, untimed, side by side (~170 s): the GPU tests without DALI / FFCV (GPUTEST_CAP), the compile-cache
-#   warm-up of gpu_step.py (6 processes, WARM_CAP) and the capture-vs-uncaptured accuracy check (compare: two
+#   warm-up of gpu_step.py (7 processes, WARM_CAP) and the capture-vs-uncaptured accuracy check (compare: two
 #   COMPARE_EPOCHS runs, COMPARE_CAP each); then, alone on the machine, the timed step (STEP_CAP, ~180 s) and the
 #   90-epoch AlexNet-DN recipe (RECIPE_CAP, cuda graphs + compile by default). Everything comes back packed in
 #   $OUT/session.tar.gz (step/, step-warm/, compare/, recipe-alexnet-dn/, pytest-gpu.*) beside log.txt.
@@ -95,7 +96,7 @@ if has gputests; then
   bg+=($!)
 fi
 if has step && [ "${STEP_WARM:-1}" = 1 ]; then
-  step "compile-cache warm-up: gpu_step.py --warm-cache, 6 processes"
+  step "compile-cache warm-up: gpu_step.py --warm-cache, 7 processes"
   warm() { local name=$1; shift
     (timeout -k 10 "${WARM_CAP:-150}" $PY benchmarks/gpu_step.py --warm-cache --out "$KEEP/step-warm/$name" \
        --time-cap $((${WARM_CAP:-150} - 5)) --item-cap 140 "$@" >"$KEEP/step-warm/$name.txt" 2>&1
@@ -106,6 +107,7 @@ if has step && [ "${STEP_WARM:-1}" = 1 ]; then
   warm r50-nonorm --parts models --models resnet50 --divnorms nonorm
   warm r50-ours --parts models --models resnet50 --divnorms ours
   warm r50-fused --parts models --models resnet50 --divnorms ours_fused
+  warm r50-fused-kernel --parts models --models resnet50 --divnorms ours_fused_kernel
   warm r18 --parts models --models resnet18
   warm layer-01 --parts layer --shapes 0,1
   warm layer-23 --parts layer --shapes 2,3
