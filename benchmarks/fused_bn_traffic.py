@@ -9,6 +9,11 @@ inductor's C++ backend fuses) and, on a GPU, counts what its Triton backend fuse
 ``fuse_bn`` are not inductor's; their count is written down in divnorm/triton_fused_bn.py (8 passes by design).
 
     python benchmarks/fused_bn_traffic.py --out DIR [--shape 8,256,28,28] [--device cpu]
+    python benchmarks/fused_bn_traffic.py --out DIR --model resnet18 [--batch 64]   # a whole training step
+
+``--model`` counts a whole network's compiled training step (forward + backward, bf16 autocast, channels-last;
+the convolutions are counted by their inputs and outputs) without DN, with ``ours`` as layers and with
+``fuse_bn=true`` on the torch function.
 """
 
 from __future__ import annotations
@@ -84,6 +89,54 @@ def bytes_accessed(variant: str, shape: tuple[int, ...], dtype: torch.dtype, dev
     }
 
 
+MODEL_VARIANTS = {
+    "nonorm": ({"type": "nonorm"}, "no DN"),
+    "ours": ({"type": "ours", "kernel": "torch"}, "ours after every conv, layers"),
+    "ours_fused": ({"type": "ours", "kernel": "torch", "fuse_bn": True}, "ours, fuse_bn=true (the torch function)"),
+}
+
+
+def model_bytes(name: str, variant: str, batch: int, device: torch.device) -> dict[str, Any]:
+    """Inductor's byte count of one compiled training step (forward + backward) of a CIFAR-layout network."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor import metrics
+
+    import models
+
+    torch._dynamo.reset()
+    metrics.reset()
+    specs, description = MODEL_VARIANTS[variant]
+    with inductor_config.patch(force_disable_caches=True):
+        torch.manual_seed(0)
+        net = models.create_model(name, num_classes=100, model_config={"divnorm_specs": specs}, image_size=32)
+        net = net.to(device, memory_format=torch.channels_last).train()
+        images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, 100, (batch,), device=device)
+        compiled = torch.compile(net)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(compiled(images), labels)
+        loss.backward()
+    return {"description": description, "gb": round(metrics.num_bytes_accessed / 1e9, 3)}
+
+
+def model_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Compiled {result['model']} training step: bytes inductor's kernels move",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Device {result['device']}, torch {result['torch']}, 32 px CIFAR layout, batch {result['batch']}, bf16 "
+        "autocast, channels-last; forward + backward, the convolutions counted by their inputs and outputs.",
+        "",
+        "| network | GB per step | vs no DN |",
+        "|---|---:|---:|",
+    ]
+    base = result["variants"]["nonorm"]["gb"]
+    for item in result["variants"].values():
+        lines.append(f"| {item['description']} | {item['gb']:.3f} | {item['gb'] / base:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Compiled unit tail: bytes inductor's kernels move per training step",
@@ -112,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="8,256,28,28", help="N,C,H,W of the conv output (default 8,256,28,28)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--model", choices=("resnet18", "alexnet", "vgg16"), help="count a whole network instead")
+    p.add_argument("--batch", type=int, default=64, help="--model: images per step (default 64)")
     args = p.parse_args(argv)
     shape = tuple(int(n) for n in args.shape.split(","))
     if len(shape) != 4:
@@ -124,9 +179,25 @@ def main(argv: list[str] | None = None) -> int:
     metrics_log.setLevel(logging.INFO)
     metrics_log.propagate = False
     metrics_log.addHandler(logging.NullHandler())
+    command = shlex.join(["python", "benchmarks/fused_bn_traffic.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.model:
+        result = {
+            "benchmark": "fused_bn_traffic",
+            "command": command,
+            "device": str(device),
+            "torch": torch.__version__,
+            "model": args.model,
+            "batch": args.batch,
+            "variants": {name: model_bytes(args.model, name, args.batch, device) for name in MODEL_VARIANTS},
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out / f"{args.model}.json", result)
+        write_text_atomic(args.out / f"{args.model}.md", model_markdown(result))
+        print(model_markdown(result))
+        return 0
     result: dict[str, Any] = {
         "benchmark": "fused_bn_traffic",
-        "command": shlex.join(["python", "benchmarks/fused_bn_traffic.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command,
         "device": str(device),
         "torch": torch.__version__,
         "shape": list(shape),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -369,3 +370,23 @@ def test_fuse_bn_auto_takes_the_kernels_eagerly_on_cuda():
         torch.cuda.synchronize()
     names = {event.name for event in prof.events()}
     assert any("relu_dn_bn_fwd" in name for name in names) and any("relu_dn_bn_bwd" in name for name in names)
+
+
+@pytest.mark.timeout(300)
+def test_traffic_count_shows_the_fused_function_without_a_full_size_intermediate(tmp_path):
+    """benchmarks/fused_bn_traffic.py: inductor's byte count of the compiled tails. ReLU -> BatchNorm is 3 passes
+    forward and 5 backward; the fused function's backward stays within a pass of that (no full-size fp32
+    intermediate: such a buffer alone is 4 bf16 passes, written and read) and below the three layers'."""
+    out = tmp_path / "traffic"
+    command = [sys.executable, str(REPO / "benchmarks" / "fused_bn_traffic.py"), "--out", str(out),
+               "--shape", "4,64,16,16"]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    variants = json.loads((out / "results.json").read_text())["variants"]
+    plain, layers, fused = (variants[k] for k in ("relu_bn", "relu_ours_bn_layers", "relu_ours_bn_function"))
+    assert plain["forward_passes"] == pytest.approx(3, abs=0.1) and plain["backward_passes"] == pytest.approx(
+        5, abs=0.1
+    )
+    assert fused["backward_passes"] < plain["backward_passes"] + 1.5
+    assert fused["passes"] < layers["passes"] - 4
+    assert "| ReLU -> BatchNorm (no DN) | 3.0" in (out / "results.md").read_text()
