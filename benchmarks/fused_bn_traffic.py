@@ -23,6 +23,7 @@ import logging
 import math
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,25 +60,34 @@ class Tail(nn.Module):
         return relu_divnorm_batchnorm(x, self.dn, self.norm, relu=True)
 
 
-def bytes_accessed(variant: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-    """Inductor's byte count of the forward graph and the backward graph of one training step of ``variant``."""
+def counted(run: Callable[[], None]) -> int:
+    """Bytes inductor's kernels move in ``run()``: compiled from scratch (a cached graph is loaded, not counted)."""
     import torch._inductor.config as inductor_config
     from torch._inductor import metrics
 
     torch._dynamo.reset()
     metrics.reset()
-    counts: list[int] = []
-    with inductor_config.patch(force_disable_caches=True):  # a cached graph is loaded, not counted
+    with inductor_config.patch(force_disable_caches=True):
         torch.manual_seed(0)
+        run()
+    return metrics.num_bytes_accessed
+
+
+def bytes_accessed(variant: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """Inductor's byte count of the forward graph and the backward graph of one training step of ``variant``."""
+    outputs: list[torch.Tensor] = []
+
+    def forward() -> None:
         tail = Tail(shape[1], variant).to(device)
         x = torch.randn(shape, device=device).to(dtype, memory_format=torch.channels_last).requires_grad_()
-        compiled = torch.compile(tail)
-        before = metrics.num_bytes_accessed
-        out = compiled(x)
-        counts.append(metrics.num_bytes_accessed - before)
-        before = metrics.num_bytes_accessed
-        out.backward(torch.randn_like(out))
-        counts.append(metrics.num_bytes_accessed - before)
+        outputs.append(torch.compile(tail)(x))
+
+    forward_bytes = counted(forward)
+    from torch._inductor import metrics
+
+    before = metrics.num_bytes_accessed  # the backward compiles at its first call, below
+    outputs[0].backward(torch.randn_like(outputs[0]))
+    counts = [forward_bytes, metrics.num_bytes_accessed - before]
     tensor_bytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
     return {
         "description": VARIANTS[variant],
@@ -98,25 +108,20 @@ MODEL_VARIANTS = {
 
 def model_bytes(name: str, variant: str, batch: int, device: torch.device) -> dict[str, Any]:
     """Inductor's byte count of one compiled training step (forward + backward) of a CIFAR-layout network."""
-    import torch._inductor.config as inductor_config
-    from torch._inductor import metrics
-
     import models
 
-    torch._dynamo.reset()
-    metrics.reset()
     specs, description = MODEL_VARIANTS[variant]
-    with inductor_config.patch(force_disable_caches=True):
-        torch.manual_seed(0)
+
+    def step() -> None:
         net = models.create_model(name, num_classes=100, model_config={"divnorm_specs": specs}, image_size=32)
         net = net.to(device, memory_format=torch.channels_last).train()
         images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, 100, (batch,), device=device)
-        compiled = torch.compile(net)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(compiled(images), labels)
+            loss = nn.functional.cross_entropy(torch.compile(net)(images), labels)
         loss.backward()
-    return {"description": description, "gb": round(metrics.num_bytes_accessed / 1e9, 3)}
+
+    return {"description": description, "gb": round(counted(step) / 1e9, 3)}
 
 
 def model_markdown(result: dict[str, Any]) -> str:

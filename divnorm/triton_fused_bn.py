@@ -34,20 +34,68 @@ from divnorm.triton_ours import (
     _layout,
     _param_strides,
     _pool_terms,
+    _power_slope,
     parameter_gradients,
 )
 
 
 @_jit
-def _dn_tile(x_ptr, base, offsets, mask, gain, offset, POWER: tl.constexpr, RELU: tl.constexpr):
-    """Load a tile of x and return (r, q, D, scale): the DN of relu(x) (or x) in fp32, y = q * scale."""
+def _tile_setup(
+    gamma_ptr,
+    sigma_ptr,
+    num_channels,
+    num_pools,
+    gamma_stride,
+    sigma_stride,
+    eps,
+    floor,
+    POOL: tl.constexpr,
+    POWER: tl.constexpr,
+    BLOCK_PIX: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """What does not change from tile to tile: this program's pools and channels, the offsets of a tile's elements
+    from its first row, the masks, and the per-pool gain exp(gamma) and floored offset."""
+    pools = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    in_pool = tl.arange(0, BLOCK_S)
+    rows = tl.arange(0, BLOCK_PIX)
+    channels = pools[:, None] * POOL + in_pool[None, :]
+    offsets = rows[:, None, None] * num_channels + channels[None, :, :]
+    pool_mask = pools < num_pools
+    channel_mask = pool_mask[:, None] & (in_pool < POOL)[None, :]
+    gain, offset = _pool_terms(gamma_ptr, sigma_ptr, pools, pool_mask, gamma_stride, sigma_stride, eps, floor, POWER)
+    return rows, pools, pool_mask, channels, channel_mask, offsets, gain, offset
+
+
+@_jit
+def _dn_tile(
+    x_ptr,
+    tile_id,
+    rows,
+    channel_mask,
+    offsets,
+    gain,
+    offset,
+    num_rows,
+    num_channels,
+    POWER: tl.constexpr,
+    RELU: tl.constexpr,
+    BLOCK_PIX: tl.constexpr,
+):
+    """Row tile ``tile_id`` of x: (base, valid rows, mask, r, q, D, scale), the DN of relu(x) (or x) in fp32 with
+    y = q * scale; the pool sums never leave registers."""
+    first = tile_id * BLOCK_PIX
+    row_valid = (first + rows) < num_rows
+    mask = row_valid[:, None, None] & channel_mask[None, :, :]
+    base = first.to(tl.int64) * num_channels  # int64: the tensor may exceed 2**31 elements
     r = tl.load(x_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         r = tl.maximum(r, 0.0)
     q = _abs_power(r, POWER)
     denominator = tl.sum(q, axis=2) + offset[None, :]
     scale = gain[None, :] / denominator
-    return r, q, denominator, scale
+    return base, row_valid, mask, r, q, denominator, scale
 
 
 @_jit
@@ -72,26 +120,20 @@ def _forward_stats_kernel(
     BLOCK_S: tl.constexpr,
 ):
     program = tl.program_id(0)
-    pools = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    in_pool = tl.arange(0, BLOCK_S)
-    rows = tl.arange(0, BLOCK_PIX)
-    channels = pools[:, None] * POOL + in_pool[None, :]
-    offsets = rows[:, None, None] * num_channels + channels[None, :, :]
-    pool_mask = pools < num_pools
-    channel_mask = pool_mask[:, None] & (in_pool < POOL)[None, :]
-    gain, offset = _pool_terms(gamma_ptr, sigma_ptr, pools, pool_mask, gamma_stride, sigma_stride, eps, floor, POWER)
+    rows, pools, pool_mask, channels, channel_mask, offsets, gain, offset = _tile_setup(
+        gamma_ptr, sigma_ptr, num_channels, num_pools, gamma_stride, sigma_stride, eps, floor,
+        POOL, POWER, BLOCK_PIX, BLOCK_G, BLOCK_S,
+    )  # fmt: skip
 
     count = tl.sum(tl.zeros([BLOCK_PIX], dtype=tl.float32), axis=0)  # rows seen so far (an fp32 scalar)
     mean = tl.zeros([BLOCK_G, BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_G, BLOCK_S], dtype=tl.float32)
     for tile_id in range(program, num_tiles, tl.num_programs(0)):
-        first = tile_id * BLOCK_PIX
-        row_valid = (first + rows) < num_rows
-        mask = row_valid[:, None, None] & channel_mask[None, :, :]
-        base = first.to(tl.int64) * num_channels
-        r, q, denominator, scale = _dn_tile(x_ptr, base, offsets, mask, gain, offset, POWER, RELU)
+        base, row_valid, mask, r, q, denominator, scale = _dn_tile(
+            x_ptr, tile_id, rows, channel_mask, offsets, gain, offset, num_rows, num_channels, POWER, RELU, BLOCK_PIX
+        )
         y = q * scale[:, :, None]
-        n_tile = tl.minimum(num_rows - first, BLOCK_PIX).to(tl.float32)
+        n_tile = tl.sum(row_valid.to(tl.float32), axis=0)  # rows of this tile inside the tensor
         tile_mean = tl.sum(y, axis=0) / n_tile
         centred = tl.where(row_valid[:, None, None], y - tile_mean[None, :, :], 0.0)
         tile_m2 = tl.sum(centred * centred, axis=0)
@@ -128,20 +170,26 @@ def _forward_output_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    first = tl.program_id(0) * BLOCK_PIX
-    pools = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    in_pool = tl.arange(0, BLOCK_S)
-    rows = tl.arange(0, BLOCK_PIX)
-    channels = pools[:, None] * POOL + in_pool[None, :]
-    offsets = rows[:, None, None] * num_channels + channels[None, :, :]
-    pool_mask = pools < num_pools
-    channel_mask = pool_mask[:, None] & (in_pool < POOL)[None, :]
-    mask = ((first + rows) < num_rows)[:, None, None] & channel_mask[None, :, :]
-    base = first.to(tl.int64) * num_channels
-    gain, offset = _pool_terms(gamma_ptr, sigma_ptr, pools, pool_mask, gamma_stride, sigma_stride, eps, floor, POWER)
+    rows, pools, pool_mask, channels, channel_mask, offsets, gain, offset = _tile_setup(
+        gamma_ptr, sigma_ptr, num_channels, num_pools, gamma_stride, sigma_stride, eps, floor,
+        POOL, POWER, BLOCK_PIX, BLOCK_G, BLOCK_S,
+    )  # fmt: skip
     a = tl.load(a_ptr + channels, mask=channel_mask, other=0.0)
     b = tl.load(b_ptr + channels, mask=channel_mask, other=0.0)
-    r, q, denominator, scale = _dn_tile(x_ptr, base, offsets, mask, gain, offset, POWER, RELU)
+    base, row_valid, mask, r, q, denominator, scale = _dn_tile(
+        x_ptr,
+        tl.program_id(0),
+        rows,
+        channel_mask,
+        offsets,
+        gain,
+        offset,
+        num_rows,
+        num_channels,
+        POWER,
+        RELU,
+        BLOCK_PIX,
+    )
     out = q * (scale[:, :, None] * a[None, :, :]) + b[None, :, :]
     tl.store(out_ptr + base + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -171,24 +219,19 @@ def _backward_stats_kernel(
     BLOCK_S: tl.constexpr,
 ):
     program = tl.program_id(0)
-    pools = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    in_pool = tl.arange(0, BLOCK_S)
-    rows = tl.arange(0, BLOCK_PIX)
-    channels = pools[:, None] * POOL + in_pool[None, :]
-    offsets = rows[:, None, None] * num_channels + channels[None, :, :]
-    pool_mask = pools < num_pools
-    channel_mask = pool_mask[:, None] & (in_pool < POOL)[None, :]
-    gain, offset = _pool_terms(gamma_ptr, sigma_ptr, pools, pool_mask, gamma_stride, sigma_stride, eps, floor, POWER)
+    rows, pools, pool_mask, channels, channel_mask, offsets, gain, offset = _tile_setup(
+        gamma_ptr, sigma_ptr, num_channels, num_pools, gamma_stride, sigma_stride, eps, floor,
+        POOL, POWER, BLOCK_PIX, BLOCK_G, BLOCK_S,
+    )  # fmt: skip
     mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)
     rstd = tl.load(rstd_ptr + channels, mask=channel_mask, other=0.0)
 
     sum_dout = tl.zeros([BLOCK_G, BLOCK_S], dtype=tl.float32)
     sum_dout_yhat = tl.zeros([BLOCK_G, BLOCK_S], dtype=tl.float32)
     for tile_id in range(program, num_tiles, tl.num_programs(0)):
-        first = tile_id * BLOCK_PIX
-        mask = ((first + rows) < num_rows)[:, None, None] & channel_mask[None, :, :]
-        base = first.to(tl.int64) * num_channels
-        r, q, denominator, scale = _dn_tile(x_ptr, base, offsets, mask, gain, offset, POWER, RELU)
+        base, row_valid, mask, r, q, denominator, scale = _dn_tile(
+            x_ptr, tile_id, rows, channel_mask, offsets, gain, offset, num_rows, num_channels, POWER, RELU, BLOCK_PIX
+        )
         dout = tl.load(dout_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
         yhat = (q * scale[:, :, None] - mean[None, :, :]) * rstd[None, :, :]
         sum_dout += tl.sum(dout, axis=0)
@@ -227,14 +270,10 @@ def _backward_input_kernel(
     BLOCK_S: tl.constexpr,
 ):
     program = tl.program_id(0)
-    pools = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    in_pool = tl.arange(0, BLOCK_S)
-    rows = tl.arange(0, BLOCK_PIX)
-    channels = pools[:, None] * POOL + in_pool[None, :]
-    offsets = rows[:, None, None] * num_channels + channels[None, :, :]
-    pool_mask = pools < num_pools
-    channel_mask = pool_mask[:, None] & (in_pool < POOL)[None, :]
-    gain, offset = _pool_terms(gamma_ptr, sigma_ptr, pools, pool_mask, gamma_stride, sigma_stride, eps, floor, POWER)
+    rows, pools, pool_mask, channels, channel_mask, offsets, gain, offset = _tile_setup(
+        gamma_ptr, sigma_ptr, num_channels, num_pools, gamma_stride, sigma_stride, eps, floor,
+        POOL, POWER, BLOCK_PIX, BLOCK_G, BLOCK_S,
+    )  # fmt: skip
     mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)[None, :, :]
     rstd = tl.load(rstd_ptr + channels, mask=channel_mask, other=0.0)[None, :, :]
     k1 = tl.load(k1_ptr + channels, mask=channel_mask, other=0.0)[None, :, :]
@@ -244,25 +283,17 @@ def _backward_input_kernel(
     total_sum = tl.zeros([BLOCK_G], dtype=tl.float32)  # sum of T per pool
     correction_sum = tl.zeros([BLOCK_G], dtype=tl.float32)  # sum of T / D per pool
     for tile_id in range(program, num_tiles, tl.num_programs(0)):
-        first = tile_id * BLOCK_PIX
-        row_valid = (first + rows) < num_rows
-        mask = row_valid[:, None, None] & channel_mask[None, :, :]
-        base = first.to(tl.int64) * num_channels
-        r, q, denominator, scale = _dn_tile(x_ptr, base, offsets, mask, gain, offset, POWER, RELU)
+        base, row_valid, mask, r, q, denominator, scale = _dn_tile(
+            x_ptr, tile_id, rows, channel_mask, offsets, gain, offset, num_rows, num_channels, POWER, RELU, BLOCK_PIX
+        )
         dout = tl.load(dout_ptr + base + offsets, mask=mask, other=0.0).to(tl.float32)
         yhat = (q * scale[:, :, None] - mean) * rstd
         # BatchNorm's backward; 0 on masked rows and channels (k3 would leak into the pool sums there)
         dy = tl.where(mask, k1 * dout + k2 * yhat + k3, 0.0)
         total = scale * tl.sum(dy * q, axis=2)  # T = sum_pool(dy * y)
         correction = total / denominator
-        if POWER == 2.0:
-            dq_dr = 2.0 * r
-        elif POWER == 1.0:
-            dq_dr = tl.where(r > 0, 1.0, tl.where(r < 0, -1.0, 0.0))
-        else:
-            dq_dr = tl.where(r == 0, 0.0, POWER * q / tl.where(r == 0, 1.0, r))
         # with RELU, r = 0 where x <= 0, so dq/dr is 0 there: ReLU's own mask
-        dx = (scale[:, :, None] * dy - correction[:, :, None]) * dq_dr
+        dx = (scale[:, :, None] * dy - correction[:, :, None]) * _power_slope(r, q, POWER)
         tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         total_sum += tl.sum(total, axis=0)
         correction_sum += tl.sum(correction, axis=0)

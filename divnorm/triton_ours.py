@@ -69,6 +69,19 @@ def _abs_power(v, POWER: tl.constexpr):
 
 
 @_jit
+def _power_slope(v, q, POWER: tl.constexpr):
+    """d|v|^P/dv given q = |v|^P: 2v for P = 2, sign(v) for P = 1, else P q / v without a second power; 0 at v = 0
+    (where the torch path gives NaN for P < 1)."""
+    if POWER == 2.0:
+        slope = 2.0 * v
+    elif POWER == 1.0:
+        slope = tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0))
+    else:
+        slope = tl.where(v == 0, 0.0, POWER * q / tl.where(v == 0, 1.0, v))
+    return slope
+
+
+@_jit
 def _pool_terms(gamma_ptr, sigma_ptr, pools, pool_mask, gamma_stride, sigma_stride, eps, floor, POWER: tl.constexpr):
     """Per pool: the gain ``exp(gamma)`` and the floored offset ``max(|sigma|^P + eps, floor)`` (fp32)."""
     gamma = tl.load(gamma_ptr + pools * gamma_stride, mask=pool_mask, other=0.0).to(tl.float32)
@@ -177,14 +190,7 @@ def _ours_backward_kernel(
         total = scale * tl.sum(dy * q, axis=2)  # T; 0 on masked pixels and pools (q = dy = 0 there)
         correction = total / denominator
         if NEED_DX:
-            if POWER == 2.0:
-                dq_dx = 2.0 * x
-            elif POWER == 1.0:
-                dq_dx = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
-            else:
-                # P |x|^(P-1) sign(x) = P q / x, without a second power; 0 at x = 0 (the torch path's NaN for P < 1)
-                dq_dx = tl.where(x == 0, 0.0, POWER * q / tl.where(x == 0, 1.0, x))
-            dx = (scale[:, :, None] * dy - correction[:, :, None]) * dq_dx
+            dx = (scale[:, :, None] * dy - correction[:, :, None]) * _power_slope(x, q, POWER)
             tl.store(dx_ptr + base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if NEED_PARAMS:
             total_sum += tl.sum(total, axis=0)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from divnorm import build_divnorm, pool_size
+from tests.gpu_steps import sgd_losses
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
@@ -282,16 +283,7 @@ def test_compiled_training_matches_eager_on_cuda():
     losses = {}
     for mode in ("eager", "compiled"):
         net = _small_dn_net("triton").cuda().to(memory_format=torch.channels_last)
-        model = torch.compile(net) if mode == "compiled" else net
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-        losses[mode] = []
-        for _ in range(5):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = nn.functional.cross_entropy(model(x), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses[mode].append(loss.item())
+        losses[mode] = sgd_losses(net, torch.compile(net) if mode == "compiled" else net, x, target)
     torch.testing.assert_close(torch.tensor(losses["compiled"]), torch.tensor(losses["eager"]), rtol=3e-2, atol=3e-2)
     assert losses["eager"][-1] < losses["eager"][0]  # it trained
 

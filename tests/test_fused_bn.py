@@ -25,6 +25,7 @@ from divnorm import build_divnorm
 from divnorm.fused_bn import fusion_applies, relu_divnorm_batchnorm
 from models import create_model
 from models.layers import ConvUnit
+from tests.gpu_steps import sgd_losses
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(
@@ -346,16 +347,7 @@ def test_compiled_fused_model_has_no_graph_break_and_trains_like_the_unfused_one
     losses = {}
     for mode, fuse_bn in (("unfused", False), ("fused-compiled", "auto")):
         net = _unit_model(fuse_bn, kernel=kernel).cuda().to(memory_format=torch.channels_last)
-        step_model = torch.compile(net) if mode == "fused-compiled" else net
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-        losses[mode] = []
-        for _ in range(5):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = nn.functional.cross_entropy(step_model(x), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses[mode].append(loss.item())
+        losses[mode] = sgd_losses(net, torch.compile(net) if mode == "fused-compiled" else net, x, target)
     torch.testing.assert_close(
         torch.tensor(losses["fused-compiled"]), torch.tensor(losses["unfused"]), rtol=3e-2, atol=3e-2
     )
