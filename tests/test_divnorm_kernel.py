@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from divnorm import build_divnorm, pool_size
-from tests.gpu_steps import sgd_losses
+from tests.kernel_helpers import run_interpreted_tests, sgd_losses
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
@@ -192,15 +191,8 @@ def test_triton_on_cpu_without_interpreter_says_what_to_do():
 @pytest.mark.skipif(INTERPRETED, reason="this is the child's parent")
 def test_kernel_under_triton_interpreter():
     """Runs every ``test_interpreted_*`` test in a child pytest whose process starts with TRITON_INTERPRET=1."""
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k", "interpreted"]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout[-6000:] + result.stderr[-3000:]
-    assert result.returncode == 0, output
-    passed = re.search(r"(\d+) passed", result.stdout)
     # the cases, 2 tile-loop tests and 4 others (odd layouts, opcheck, no graph break, kernel taken on CPU)
-    assert passed and int(passed.group(1)) == len(CASES) + 6, output
-    assert "skipped" not in result.stdout.splitlines()[-1], output
+    run_interpreted_tests(__file__, len(CASES) + 6)
 
 
 def test_bad_kernel_value_is_one_line():

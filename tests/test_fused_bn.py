@@ -12,7 +12,6 @@ import copy
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from divnorm import build_divnorm
 from divnorm.fused_bn import fusion_applies, relu_divnorm_batchnorm
 from models import create_model
 from models.layers import ConvUnit
-from tests.gpu_steps import sgd_losses
+from tests.kernel_helpers import run_interpreted_tests, sgd_losses
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(
@@ -297,13 +296,7 @@ def test_interpreted_compiled_unit_with_the_kernel_has_no_graph_break():
 @pytest.mark.skipif(INTERPRETED or importlib.util.find_spec("triton") is None, reason="the child's parent")
 def test_fused_kernel_under_triton_interpreter():
     """Runs every ``test_interpreted_*`` test here in a child pytest started with TRITON_INTERPRET=1."""
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k", "interpreted"]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout[-6000:] + result.stderr[-3000:]
-    assert result.returncode == 0, output
-    passed = re.search(r"(\d+) passed", result.stdout)
-    assert passed and int(passed.group(1)) == len(KERNEL_CASES) + 4, output
+    run_interpreted_tests(__file__, len(KERNEL_CASES) + 4)
 
 
 # ---- GPU (skipped without CUDA; see tests/conftest.py) ----
