@@ -14,8 +14,10 @@ twice, write out), backward = statistics + input kernels (floor 5: read x and do
 
 results.json / results.md: every setting's times and ratios to the floor, the best setting per shape and pass, and
 the one setting with the least forward + backward time summed over the shapes: the candidate for the kernel's
-default ``TUNING`` (commit it there once measured). Items stop being started when ``--time-cap`` is spent; the
-files are rewritten after each shape.
+default ``TUNING`` (commit it there once measured). A setting that launches at a shape exactly what an earlier one
+launched there (warps are capped at 16, a tile at the tensor's rows; tools/compile_kernels.py --sweep lists the
+launches) is not timed again: its rows copy the earlier one's, marked ``same_launch_as``. Items stop being started
+when ``--time-cap`` is spent; the files are rewritten after each shape.
 
     python benchmarks/tune_divnorm_kernel.py --out DIR [--time-cap 150] [--kernel dn|fused_bn]
     python benchmarks/tune_divnorm_kernel.py --out DIR --dry-run   # CPU: Triton's interpreter, tiny shapes
@@ -43,7 +45,7 @@ STAGE_SHAPES = [(256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14), (25
 DRY_SHAPES = [(2, 64, 4, 4), (2, 256, 2, 2)]
 GRID = {"tile_elements": [2048, 4096, 8192, 16384], "elements_per_warp": [256, 512, 1024]}
 BACKWARD_PROGRAMS = [4, 8, 16]
-DRY_GRID = {"tile_elements": [1024, 4096], "elements_per_warp": [512]}
+DRY_GRID = {"tile_elements": [1024, 4096, 8192], "elements_per_warp": [512]}  # 8192: the same launch as 4096
 DRY_BACKWARD_PROGRAMS = [8]
 P, POWER, EPS = 0.5, 2.0, 0.0  # the trainer's defaults for ``ours``
 BN_EPS = 1e-5  # nn.BatchNorm2d's
@@ -170,11 +172,22 @@ def main(argv: list[str] | None = None) -> int:
                 "settings": [],
             }
             tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+            launches: dict[Any, tuple[int, int]] = {}  # the launch (tile shape, warps) -> the setting timed with it
             for tile, per_warp in itertools.product(grid["tile_elements"], grid["elements_per_warp"]):
                 if time.monotonic() > deadline:
                     entry["stopped"] = "time cap"
                     break
                 triton_ours.TUNING.update(tile_elements=tile, elements_per_warp=per_warp)
+                launch = triton_ours._blocks(triton_ours._layout(x), channels // pool, pool)
+                if launch in launches:  # 16 warps at most, tiles capped at the tensor's rows: timed already
+                    first = launches[launch]
+                    entry["settings"].extend(
+                        {**row, "tile_elements": tile, "elements_per_warp": per_warp, "same_launch_as": list(first)}
+                        for row in list(entry["settings"])
+                        if (row["tile_elements"], row["elements_per_warp"]) == first
+                    )
+                    continue
+                launches[launch] = (tile, per_warp)
                 y = forward_fn()
                 y = y[0] if isinstance(y, tuple) else y
                 ok = bool(torch.allclose(y.float(), yr.detach(), rtol=tol, atol=tol))

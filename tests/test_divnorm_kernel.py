@@ -297,8 +297,12 @@ def test_tuning_sweep_dry_run(tmp_path, kernel):
     assert report["kernel"] == kernel
     assert [entry["shape"] for entry in report["shapes"]] == [[2, 64, 4, 4], [2, 256, 2, 2]]
     rows = [row for entry in report["shapes"] for row in entry["settings"]]
-    assert len(rows) == 4 and all(row["matches_torch_path"] for row in rows)
-    assert {row["tile_elements"] for row in rows} == {1024, 4096}
+    assert len(rows) == 6 and all(row["matches_torch_path"] for row in rows)
+    assert {row["tile_elements"] for row in rows} == {1024, 4096, 8192}
+    # a tile of 8192 is capped at these tensors' rows: the launch of 4096, not timed again
+    copies = [row for row in rows if "same_launch_as" in row]
+    assert [row["tile_elements"] for row in copies] == [8192, 8192]
+    assert all(row["same_launch_as"] == [4096, 512] for row in copies)
     assert report["best_overall"] is not None and report["default_tuning"] == triton_ours.TUNING
     assert "| (2, 64, 4, 4) | 8 |" in (out / "results.md").read_text()
 
