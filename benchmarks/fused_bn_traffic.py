@@ -10,6 +10,7 @@ inductor's C++ backend fuses) and, on a GPU, counts what its Triton backend fuse
 
     python benchmarks/fused_bn_traffic.py --out DIR [--shape 8,256,28,28] [--device cpu]
     python benchmarks/fused_bn_traffic.py --out DIR --model resnet18 [--batch 64]   # a whole training step
+    python benchmarks/fused_bn_traffic.py --out DIR --model resnet50 --image-size 224 --batch 8
 
 ``--model`` counts a whole network's compiled training step (forward + backward, bf16 autocast, channels-last;
 the convolutions are counted by their inputs and outputs) without DN, with ``ours`` as layers and with
@@ -106,17 +107,21 @@ MODEL_VARIANTS = {
 }
 
 
-def model_bytes(name: str, variant: str, batch: int, device: torch.device) -> dict[str, Any]:
-    """Inductor's byte count of one compiled training step (forward + backward) of a CIFAR-layout network."""
+def model_bytes(name: str, variant: str, batch: int, device: torch.device, image_size: int = 32) -> dict[str, Any]:
+    """Inductor's byte count of one compiled training step (forward + backward) of a network (32 px: the CIFAR
+    layout, 100 classes; larger: the ImageNet layout, 1000 classes)."""
     import models
 
     specs, description = MODEL_VARIANTS[variant]
+    classes = 100 if image_size <= 64 else 1000
 
     def step() -> None:
-        net = models.create_model(name, num_classes=100, model_config={"divnorm_specs": specs}, image_size=32)
+        net = models.create_model(name, num_classes=classes, model_config={"divnorm_specs": specs},
+                                  image_size=image_size)  # fmt: skip
         net = net.to(device, memory_format=torch.channels_last).train()
-        images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-        labels = torch.randint(0, 100, (batch,), device=device)
+        images = torch.randn(batch, 3, image_size, image_size, device=device)
+        images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, classes, (batch,), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = nn.functional.cross_entropy(torch.compile(net)(images), labels)
         loss.backward()
@@ -130,7 +135,8 @@ def model_markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
-        f"Device {result['device']}, torch {result['torch']}, 32 px CIFAR layout, batch {result['batch']}, bf16 "
+        f"Device {result['device']}, torch {result['torch']}, {result.get('image_size', 32)} px "
+        f"{'CIFAR' if result.get('image_size', 32) <= 64 else 'ImageNet'} layout, batch {result['batch']}, bf16 "
         "autocast, channels-last; forward + backward, the convolutions counted by their inputs and outputs.",
         "",
         "| network | GB per step | vs no DN |",
@@ -170,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="8,256,28,28", help="N,C,H,W of the conv output (default 8,256,28,28)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    p.add_argument("--model", choices=("resnet18", "alexnet", "vgg16"), help="count a whole network instead")
+    p.add_argument("--model", choices=("resnet18", "resnet50", "alexnet", "vgg16"), help="count a whole network")
     p.add_argument("--batch", type=int, default=64, help="--model: images per step (default 64)")
+    p.add_argument("--image-size", type=int, default=32, help="--model: 32 (CIFAR layout) or e.g. 224 (ImageNet)")
     args = p.parse_args(argv)
     shape = tuple(int(n) for n in args.shape.split(","))
     if len(shape) != 4:
@@ -193,11 +200,15 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "model": args.model,
             "batch": args.batch,
-            "variants": {name: model_bytes(args.model, name, args.batch, device) for name in MODEL_VARIANTS},
+            "image_size": args.image_size,
+            "variants": {
+                name: model_bytes(args.model, name, args.batch, device, args.image_size) for name in MODEL_VARIANTS
+            },
         }
         args.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.out / f"{args.model}.json", result)
-        write_text_atomic(args.out / f"{args.model}.md", model_markdown(result))
+        stem = args.model if args.image_size == 32 else f"{args.model}-{args.image_size}px"
+        write_json_atomic(args.out / f"{stem}.json", result)
+        write_text_atomic(args.out / f"{stem}.md", model_markdown(result))
         print(model_markdown(result))
         return 0
     result: dict[str, Any] = {
