@@ -130,13 +130,14 @@ def model_bytes(name: str, variant: str, batch: int, device: torch.device, image
 
 
 def model_markdown(result: dict[str, Any]) -> str:
+    size = result.get("image_size", 32)  # files written before --image-size are 32 px
     lines = [
         f"# Compiled {result['model']} training step: bytes inductor's kernels move",
         "",
         f"Command: `{result['command']}`",
         "",
-        f"Device {result['device']}, torch {result['torch']}, {result.get('image_size', 32)} px "
-        f"{'CIFAR' if result.get('image_size', 32) <= 64 else 'ImageNet'} layout, batch {result['batch']}, bf16 "
+        f"Device {result['device']}, torch {result['torch']}, {size} px {'CIFAR' if size <= 64 else 'ImageNet'} "
+        f"layout, batch {result['batch']}, bf16 "
         "autocast, channels-last; forward + backward, the convolutions counted by their inputs and outputs.",
         "",
         "| network | GB per step | vs no DN |",

@@ -216,14 +216,18 @@ def _stage_cases() -> Iterator[tuple[str, tuple[int, ...], Any, bool, dict[str, 
         yield f"{'x'.join(map(str, shape))} {layout}", shape, torch.bfloat16, channels_last, {}
 
 
+def case_list(cases: str) -> list[tuple[str, tuple[int, ...], Any, bool, dict[str, Any]]]:
+    """The launches of ``cases`` (``stages`` or ``options``): (label, shape, dtype, channels_last, options)."""
+    return list({"stages": _stage_cases, "options": _option_cases}[cases]())
+
+
 def compile_cases(cases: str, arch: int = 90, families: tuple[str, ...] = ("ours", "fused_bn")) -> list[Compiled]:
     """Compile every launch of ``cases`` (``stages`` or ``options``) for sm_``arch`` and return what was built."""
     import torch
 
     results: list[Compiled] = []
-    generate = {"stages": _stage_cases, "options": _option_cases}[cases]
     with torch.no_grad(), compiling_for(arch) as compiled:
-        for label, shape, dtype, channels_last, options in generate():
+        for label, shape, dtype, channels_last, options in case_list(cases):
             for family, launch in _launchers(shape, dtype, channels_last, options).items():
                 if family not in families:
                     continue
