@@ -46,7 +46,7 @@ def short_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     done = run_benchmark(
         "--dataset", "synthetic", "--loaders", ",".join(LOADERS), "--devices", "cpu,gpu", "--workers", "1",
-        "--batch-sizes", "4", "--model", "alexnet", "--mode", "both", "--seconds", "0.6", "--windows", "2",
+        "--batch-sizes", "4", "--model", "resnet18", "--mode", "both", "--seconds", "0.6", "--windows", "2",
         "--warmup-batches", "2", "--warmup-steps", "1", "--warmup-seconds", "0", "--option", "subset=512",
         "--in-process", "--out", str(out), "--tune", str(out / "tuned.json"),
     )  # fmt: skip
@@ -84,7 +84,7 @@ def test_results_json_has_every_setting_and_the_machine(short_run):
         if record["mode"] == "loader":
             assert record["checksum_finite"] and record["dataset_size"] == 512
         else:
-            assert record["loss_finite"] and record["model"] == "alexnet"
+            assert record["loss_finite"] and record["model"] == "resnet18"
     for record in records:  # --compile auto, as the trainer: compiled on a GPU, eager on the CPU
         if record["mode"] == "loader":
             assert record["compile"] is None and record["compile_mode"] is None

@@ -61,7 +61,7 @@ def test_reads_the_arrays_without_a_converted_folder():
     batches, batch_labels = collect_epoch(loader)
     assert [len(y) for y in batch_labels] == [50, 50, 20]
     assert torch.equal(torch.cat(batch_labels), torch.from_numpy(labels[:120]))
-    expected = Normalizer(CIFAR100_MEAN, CIFAR100_STD, device=torch.device("cpu"))(torch.from_numpy(images[:120]))
+    expected = Normalizer(CIFAR100_MEAN, CIFAR100_STD, device=torch.device("cpu"))(torch.tensor(images[:120]))
     assert torch.equal(torch.cat(batches), expected)
 
 
