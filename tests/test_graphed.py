@@ -186,9 +186,10 @@ def test_cuda_graphs_true_without_a_gpu_is_one_line_and_auto_says_why(tmp_path, 
     assert main([*argv, "training.cuda_graphs=true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "training.cuda_graphs=true is not possible here: CUDA graphs need a CUDA device" in err[0]
-    assert main([*argv, "--overwrite"]) == 0
+    assert main([*argv, "--overwrite", "data.loader_priority=low"]) == 0
     out = capsys.readouterr().out
     assert out.count("cuda graphs off: CUDA graphs need a CUDA device") == 1
+    assert out.count("data.loader_priority=low: no effect without a CUDA device") == 1
     config = json.loads((tmp_path / "g" / "config.json").read_text())
     assert config["training"]["cuda_graphs"] == "auto"
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())

@@ -17,7 +17,7 @@ from divnorm import DivisiveNorm2d
 from loaders import build_loader
 from loaders.base import LoaderSpec
 from train.checkpoint import CheckpointWriteError, atomic_save, conv1_weight, load, rng_state, set_rng_state
-from train.config import load_config
+from train.config import ConfigError, load_config
 from train.distributed import DistributedEnv, detect_env
 from train.loop import NonFiniteLossError, TrainState, evaluate, train_one_epoch
 from train.metrics import MetricSums, correct_topk
@@ -257,3 +257,38 @@ def test_metrics_log_truncates_to_the_checkpoint(tmp_path):
         f.write('{"epoch": 4, "tr')  # torn line of an interrupted write
     log.truncate_after(2)
     assert [r["epoch"] for r in log.read()] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------- data.loader_priority
+
+
+def test_loader_priority_is_a_no_op_on_the_cpu_and_checks_its_value():
+    from train.streams import describe, running_on, training_stream
+
+    cpu = torch.device("cpu")
+    assert training_stream(cpu, "same") is None and training_stream(cpu, "low") is None
+    assert describe(None, "same") is None
+    assert "no effect without a CUDA device" in describe(None, "low")
+    with running_on(None):
+        assert torch.ones(2).sum() == 2
+    with pytest.raises(ValueError, match="same, low"):
+        training_stream(cpu, "high")
+    with pytest.raises(ConfigError, match="data.loader_priority"):
+        load_config("synthetic", "alexnet", ["data.loader_priority=high"])
+
+
+@pytest.mark.gpu
+def test_loader_priority_low_runs_the_block_on_the_highest_priority_stream():
+    from train.streams import running_on, training_stream
+
+    device = torch.device("cuda")
+    caller = torch.cuda.current_stream(device)
+    stream = training_stream(device, "low")
+    assert stream is not None and stream.priority == torch.cuda.Stream.priority_range()[1] < 0
+    x = torch.randn(1024, 1024, device=device)  # queued on the caller's stream: the block must see it finished
+    with running_on(stream):
+        assert torch.cuda.current_stream(device) == stream
+        y = (x @ x).sum()
+    assert torch.cuda.current_stream(device) == caller
+    assert torch.allclose(y, (x @ x).sum(), rtol=1e-4)  # the caller's stream waited for the block
+    assert training_stream(device, "same") is None

@@ -53,6 +53,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.augment": ("standard", "original", "none"),
     "data.dali_device": ("auto", "cpu", "gpu"),
     "data.dali_decode": ("auto", "mixed", "cpu"),
+    "data.loader_priority": ("same", "low"),  # train.streams.PRIORITY_CHOICES
     "data.order": ("auto", "quasi_random", "random"),
     "training.amp": ("auto", "bf16", "fp16", "off"),
     "training.compile": ("auto", True, False),

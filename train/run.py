@@ -46,6 +46,7 @@ from train.metrics import MetricsLog, progress_bar_factory
 from train.preempt import Preempted, StepBoundary, StopSignals
 from train.run_checkpoint import RunCheckpoints, public_metrics
 from train.schedule import LrSchedule, build_optimizer
+from train.streams import describe, running_on, training_stream
 from train.tensorboard import EVENT_FILE_GLOB, TensorBoardLog
 
 __all__ = ["Run", "RunRequest", "build_network", "resolve_amp", "resolve_device", "run"]
@@ -130,16 +131,18 @@ class Run(RunCheckpoints):
         try:
             try:
                 checkpoint = self.prepare()
-                if checkpoint:
-                    self.restore(checkpoint)
-                self.begin()
-                self.compiler.guard = self._first_compile_guard(self.state.global_step, bool(checkpoint))
-                stop_reason = self.train()
+                with running_on(self.stream):
+                    if checkpoint:
+                        self.restore(checkpoint)
+                    self.begin()
+                    self.compiler.guard = self._first_compile_guard(self.state.global_step, bool(checkpoint))
+                    stop_reason = self.train()
             finally:
                 self.signals.close()
             if stop_reason == "preempted":
                 raise Preempted(f"stopped by {self.signals.name}: {self.folder / 'last.pt'} holds the position")
-            summary = self.finish(stop_reason)
+            with running_on(self.stream):
+                summary = self.finish(stop_reason)
             self.board.log_test(summary)
         finally:
             if self.board is not None:
@@ -163,6 +166,8 @@ class Run(RunCheckpoints):
         self.loader_name = resolve_loader_name(config, request.dataset, self.say)
         self.amp_dtype = resolve_amp(training["amp"], device)
         self.train_loader, self.val_loader = self.make_loader("train", True), self.make_loader("val", False)
+        # data.loader_priority (train/streams.py): after the loader choice, which --loader auto may have tuned
+        self.stream = training_stream(device, config["data"]["loader_priority"])
 
         torch.manual_seed(int(config["seed"]))
         net = build_network(request.dataset, request.model, config)
@@ -287,6 +292,9 @@ class Run(RunCheckpoints):
             self.folder, self.config, enabled=self.env.is_main, start_epoch=self.book["epoch"], log=self.say
         )
         self.board.log_config(self.config)
+        priority = describe(self.stream, self.config["data"]["loader_priority"])
+        if priority:
+            self.say(priority)
         compiled = f"compile {self.compiler.mode}" if self.compiler.enabled else "eager"
         compiled += " + cuda graphs" if self.graphed is not None else ""
         self.say(

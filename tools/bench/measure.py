@@ -19,6 +19,7 @@ synchronisation, so nothing inside the timed region waits for the GPU; on the CP
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ import torch
 
 from tools.bench.monitor import ResourceMonitor
 from tools.bench.settings import Setting, make_record
+from train.streams import running_on, training_stream
 
 
 class WindowClock:
@@ -191,6 +193,7 @@ def measure(setting: Setting) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     monitor = ResourceMonitor(gpu=cuda).start()
     loader = None
+    scope = contextlib.ExitStack()
     t_start = time.perf_counter()
     try:
         step = TrainStep(setting, device, info.num_classes, resolution) if setting.mode != "loader" else None
@@ -204,6 +207,10 @@ def measure(setting: Setting) -> dict[str, Any]:
             loader = build_loader(setting.loader, _spec(setting, device))
             batches = batches_forever(loader)
         build_seconds = time.perf_counter() - t_start
+        # data.loader_priority=low (train/streams.py): the training step on a high-priority stream, as the trainer
+        if step is not None and setting.mode == "train":
+            priority = str(setting.options.get("loader_priority", "same"))
+            scope.enter_context(running_on(training_stream(device, priority)))
         checksum = torch.zeros((), device=device)
 
         def consume() -> int:
@@ -267,6 +274,7 @@ def measure(setting: Setting) -> dict[str, Any]:
             measured["gpu_memory_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             measured["gpu_memory_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
     finally:
+        scope.close()
         if loader is not None:
             loader.close()
         summary = monitor.stop()
