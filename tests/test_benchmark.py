@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tools.bench.report import format_ips, loader_label, tuned_fragment, verdicts
+from tools.bench.report import format_ips, loader_label, tuned_fragment, verdicts, write_tuned
 from tools.bench.settings import Setting, make_record
 
 LOADERS = ("torch", "dali", "ffcv", "gpu")
@@ -176,6 +176,9 @@ def test_ctrl_c_writes_what_was_measured(tmp_path):
         (["--model", "resnet7"], "unknown model(s) resnet7; choose from"),
         (["--dataset", "imagenet"], "--dataset imagenet needs --data"),
         (["--compile", "off,yes"], "unknown --compile yes; choose from auto, on, off or a comma list (e.g. off,on)"),
+        (["--variant", "dali_decod=cpu"], "--option / --variant key(s) dali_decod are not data keys"),
+        (["--option", "colour=1"], "--option / --variant key(s) colour are not data keys"),
+        (["--loaders", "torch", "--variant", "dali:dali_decode=cpu"], "--variant names loader(s) dali that --loaders"),
     ],
 )
 def test_bad_input_is_one_clear_message(tmp_path, args, message):
@@ -374,6 +377,55 @@ def test_markdown_sets_bounds_side_by_side_and_the_verdict_uses_the_compiled_one
     assert v["verdict"] == "compute-bound" and v["upper_bound_compile"] is False
     assert v["compiled_upper_bound_images_per_second"] is None
     assert "| resnet50 | nonorm | gpu | 256 | 4,727 | – | – | – |" in markdown(eager_only)
+
+
+def test_variants_add_settings_per_loader_and_tune_keeps_the_winners_keys(tmp_path, capsys):
+    """``--variant [LOADER:]k=v,...``: each loader runs plain and once per variant that names it (or none), with the
+    variant's keys over ``--option``'s; a variant of training-only keys has no loader-only setting; the tuned
+    fragment carries the winning variant's keys, and the trainer accepts them."""
+    from tools import benchmark
+    from tools.bench.settings import build_matrix
+    from train.config import load_config
+    from train.data import apply_tuned
+
+    parsed = benchmark.parse_args(["--dataset", "synthetic", "--variant", "loader_priority=low",
+                                   "--variant", "dali:dali_decode=cpu,dali_threads=15 prefetch=3"])  # fmt: skip
+    assert parsed.variant == [(None, {"loader_priority": "low"}),
+                              ("dali", {"dali_decode": "cpu", "dali_threads": 15, "prefetch": 3})]  # fmt: skip
+    settings = build_matrix(
+        dataset="imagenet", loaders=["torch", "dali"], devices=["gpu"], workers=[8], batch_sizes=[256],
+        modes=["loader", "train"], models=["resnet50"], divnorms=["nonorm"], dali_devices=["gpu"],
+        common={"options": {"subset": 512}}, compiles=["on"], option_sets=parsed.variant,
+    )  # fmt: skip
+    rows = [(s.mode, s.loader, s.options) for s in settings]
+    low = {"subset": 512, "loader_priority": "low"}
+    cpu_decode = {"subset": 512, "dali_decode": "cpu", "dali_threads": 15, "prefetch": 3}
+    assert rows == [
+        ("upper_bound", "resident", {"subset": 512}),
+        ("loader", "torch", {"subset": 512}), ("train", "torch", {"subset": 512}), ("train", "torch", low),
+        ("loader", "dali", {"subset": 512}), ("train", "dali", {"subset": 512}), ("train", "dali", low),
+        ("loader", "dali", cpu_decode), ("train", "dali", cpu_decode),
+    ]  # fmt: skip
+    records = [
+        _bench_record("resident", "upper_bound", 6923, compiled=True, workers=0),
+        _bench_record("dali", "train", 6400, compiled=True),
+        make_record(next(s for s in settings if s.mode == "train" and s.options == low and s.loader == "dali"), "ok",
+                    images_per_second=6650.0),
+        make_record(next(s for s in settings if s.mode == "train" and s.options == cpu_decode), "ok",
+                    images_per_second=6600.0),
+    ]  # fmt: skip
+    fragment = tuned_fragment(records, "imagenet")
+    winner = {"loader": "dali", "workers": 8, "batch_size": 256, "dali_device": "gpu", "loader_priority": "low"}
+    assert fragment["data"] == winner  # subset only shortened the measurement: not a key to train with
+    write_tuned(tmp_path / "tuned.json", "imagenet", fragment, {"machine": "test"})
+    config = load_config("imagenet", "resnet50", ["data.loader=auto", f"data.tuned_path={tmp_path / 'tuned.json'}"])
+    apply_tuned(config, "imagenet", lambda message: None)
+    assert (config["data"]["loader"], config["data"]["loader_priority"]) == ("dali", "low")
+    assert benchmark.main(["--dataset", "synthetic", "--list", "--devices", "cpu", "--loaders", "gpu", "--mode",
+                           "both", "--batch-sizes", "4", "--variant", "loader_priority=low"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [(line.split()[0], line.endswith("loader_priority=low")) for line in lines] == [
+        ("upper_bound", False), ("loader", False), ("train", False), ("train", True)]  # fmt: skip
 
 
 def test_tune_picks_under_the_trainers_compile_setting():

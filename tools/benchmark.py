@@ -88,6 +88,19 @@ def _option(text: str) -> tuple[str, Any]:
     return key, raw
 
 
+def _variant(text: str) -> tuple[str | None, dict[str, Any]]:
+    """``[LOADER:]key=value[,key=value ...]``: one more setting of each loader (or of LOADER only) with these data
+    keys on top of the ``--option`` ones, e.g. ``dali:dali_decode=cpu,dali_threads=15`` or ``loader_priority=low``."""
+    loader, _, pairs = text.rpartition(":") if ":" in text.split("=", 1)[0] else ("", "", text)
+    items = [part for part in pairs.replace(" ", ",").split(",") if part]
+    if not items:
+        raise argparse.ArgumentTypeError(f"--variant takes [LOADER:]key=value[,key=value], got {text!r}")
+    try:
+        return (loader.strip() or None), dict(_option(item) for item in items)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"--variant takes [LOADER:]key=value[,key=value], got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -134,6 +147,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--option", type=_option, action="append", default=[], help="extra data key=value (e.g. subset=2000)"
+    )
+    p.add_argument(
+        "--variant",
+        type=_variant,
+        action="append",
+        default=[],
+        metavar="[LOADER:]KEY=VALUE[,KEY=VALUE]",
+        help="one more setting per loader (or per LOADER) with these data keys, measured in the same run as the "
+        "plain setting, e.g. dali:dali_decode=cpu,dali_threads=15 or loader_priority=low (repeatable)",
     )
     p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/<machine>)")
     p.add_argument(
@@ -200,6 +222,19 @@ def validate(args: argparse.Namespace) -> None:
             raise SystemExit(
                 f"benchmark: unknown model(s) {', '.join(missing)}; choose from {', '.join(list_models())}"
             )
+    from train.config import defaults
+
+    data_keys = set(defaults()["data"])
+    given = [key for key, _ in args.option] + [key for _, variant in args.variant for key in variant]
+    unknown_keys = sorted({key for key in given if key not in data_keys})
+    if unknown_keys:
+        raise SystemExit(
+            f"benchmark: --option / --variant key(s) {', '.join(unknown_keys)} are not data keys of "
+            "configs/defaults.json (e.g. dali_decode, hw_decoder_load, prefetch, loader_priority)"
+        )
+    stray = sorted({loader for loader, _ in args.variant if loader is not None and loader not in args.loaders})
+    if stray:
+        raise SystemExit(f"benchmark: --variant names loader(s) {', '.join(stray)} that --loaders does not measure")
     bench_data.check_data(args.dataset, args.data)
 
 
@@ -346,10 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         dali_devices=args.dali_devices,
         common=common,
         compiles=args.compile,
+        option_sets=args.variant,
     )
     if args.list:
         for s in settings:
-            print(f"{s.mode:<11} {s.model or '':<9} {s.divnorm if s.mode != 'loader' else '':<7} {s.label}")
+            line = f"{s.mode:<11} {s.model or '':<9} {s.divnorm if s.mode != 'loader' else '':<7} {s.label}"
+            print(" ".join([line, *(f"{k}={v}" for k, v in s.options.items())]))
         return 0
     out = args.out or REPO / "benchmarks" / machine_slug()
     out.mkdir(parents=True, exist_ok=True)

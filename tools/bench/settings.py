@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MODES = ("loader", "train", "upper_bound")
+# data keys that change only the training step, not what the loader yields: a variant of only these has no
+# loader-only setting (it would repeat the plain one)
+TRAINING_ONLY_OPTIONS = frozenset({"loader_priority"})
 DEVICES = ("cpu", "gpu")
 # the loader name of the compute-only upper bound: a fixed batch already on the device, no loader at all
 RESIDENT = "resident"
@@ -121,6 +124,7 @@ def build_matrix(
     dali_devices: list[str],
     common: dict[str, Any],
     compiles: list[str] | None = None,
+    option_sets: list[tuple[str | None, dict[str, Any]]] | None = None,
 ) -> list[Setting]:
     """Every setting in run order: per device and batch size the upper bound first, then each loader.
 
@@ -129,7 +133,10 @@ def build_matrix(
     (tensor-resident) loader has no workers, so it runs once per device and batch size (``workers`` 0) instead
     of once per worker count; ``dali`` runs once per ``dali_devices`` entry. ``compiles`` (``auto`` | ``on`` |
     ``off`` values, default ``["auto"]``) is an axis of the training modes like the batch sizes: each value is
-    resolved per device (:func:`resolve_compile`) and every distinct result is its own setting.
+    resolved per device (:func:`resolve_compile`) and every distinct result is its own setting. ``option_sets``
+    (``(loader or None, data keys)``, the ``--variant`` values) add settings: each loader runs with ``common``'s
+    options alone, then once more per variant that names it (or no loader) with the variant's keys on top, so the
+    levers of one loader are compared within one run.
     """
     bounds = "train" in modes or "upper_bound" in modes
     settings: list[Setting] = []
@@ -146,9 +153,11 @@ def build_matrix(
         for loader in loaders if "loader" in modes or "train" in modes else []:
             worker_counts = [0] if loader == "gpu" else workers
             dali_variants = dali_devices if loader == "dali" else [None]
-            for count, dali_device in itertools.product(worker_counts, dali_variants):
+            extra = [{}] + [keys for named, keys in option_sets or [] if named in (None, loader)]
+            for count, dali_device, keys in itertools.product(worker_counts, dali_variants, extra):
                 base = {"dali_device": dali_device, **common}
-                if "loader" in modes:
+                base["options"] = {**common.get("options", {}), **keys}
+                if "loader" in modes and not (keys and set(keys) <= TRAINING_ONLY_OPTIONS):
                     settings.append(Setting(dataset, loader, device, count, batch_size, "loader", **base))
                 if "train" in modes:
                     for variant in variants:
