@@ -591,3 +591,66 @@ def test_gpu_step_dry_run_writes_every_item(tmp_path):
     text = (out / "results.md").read_text()
     assert "## Targets" in text and "| (2, 64, 8, 8) | 8 |" in text and "| resnet18 | 16 | 2 | ours |" in text
     assert "## The unit tail after the conv" in text and "| resnet18 | 16 | 2 | ours_fused |" in text
+
+
+def _gpu_event(cat, ts, dur, correlation):
+    return {"ph": "X", "cat": cat, "name": cat, "ts": ts, "dur": dur, "args": {"correlation": correlation}}
+
+
+def test_gpu_profile_attributes_time_by_launching_thread():
+    """The per-image split of a trace: the training thread's kernels, the loader's kernels and copies (another thread,
+    or no launch recorded), the time both ran at once, and the idle gaps (microseconds in, ms per image out)."""
+    from tools.bench.gpu_profile import gpu_time_table, summarize
+
+    launches = [{"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": tid, "ts": 0, "dur": 1,
+                 "args": {"correlation": corr}} for tid, corr in ((100, 1), (100, 2), (200, 3), (200, 4))]  # fmt: skip
+    trace = {"traceEvents": launches + [
+        _gpu_event("kernel", 0, 10, 1), _gpu_event("kernel", 20, 10, 2),  # training: 20 us busy
+        _gpu_event("kernel", 5, 10, 3), _gpu_event("gpu_memcpy", 40, 4, 4),  # the loader's thread
+        _gpu_event("kernel", 50, 2, 99),  # launched where the trace has no record: the loader's
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "tid": 100, "ts": 0, "dur": 60, "args": {}},
+    ]}  # fmt: skip
+    got = summarize(trace, training_tid=100, images=2)
+    assert got == {
+        "images": 2, "gpu_events": 5, "wall_ms": 0.026, "training_ms": 0.01, "loader_ms": 0.008,
+        "loader_kernel_ms": 0.006, "loader_copy_ms": 0.002, "loader_beside_training_ms": 0.0025, "idle_ms": 0.0105,
+    }  # fmt: skip
+    assert summarize({"traceEvents": launches}, 100, 2) == {"images": 2, "gpu_events": 0}
+    record = {"status": "ok", "images_per_second": 6500.0, "gpu_profile": got}
+    table = gpu_time_table([record, {"status": "ok", "images_per_second": 1.0, "gpu_profile": {"gpu_events": 0}}],
+                           lambda r: "dali[gpu] loader_priority=low")  # fmt: skip
+    assert table[-2] == ("| dali[gpu] loader_priority=low | 6,500 | 0.0260 | 0.0100 | 0.0080 (0.0060 + 0.0020) | "
+                         "0.0025 | 0.0105 |")  # fmt: skip
+    assert len(table) == 8  # title, blank, text, blank, header, rule, one row (the unprofiled one left out), blank
+
+
+@pytest.mark.gpu
+def test_gpu_profile_of_real_kernels_from_two_threads():
+    """Kernels launched by another thread on its own stream (as DALI's executor does) count as the loader's, the
+    calling thread's as training's, on a real CUPTI trace."""
+    import threading
+
+    from tools.bench.gpu_profile import profile_steps
+
+    device = torch.device("cuda")
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+    side = torch.cuda.Stream(device)
+
+    def loader_work():
+        with torch.cuda.stream(side):
+            for _ in range(20):
+                b.mul_(1.0001)
+
+    def step() -> int:
+        worker = threading.Thread(target=loader_work)
+        worker.start()
+        for _ in range(5):
+            a.copy_(a @ a * 1e-3)
+        worker.join()
+        return 64
+
+    got = profile_steps(step, 4, torch.cuda.synchronize)
+    assert got["images"] == 256 and got["gpu_events"] >= 4 * 25
+    assert got["training_ms"] > 0 and got["loader_kernel_ms"] > 0
+    assert got["training_ms"] <= got["wall_ms"] and got["loader_beside_training_ms"] <= got["loader_ms"]

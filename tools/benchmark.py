@@ -130,6 +130,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=3, help="train modes: untimed steps before timing")
     p.add_argument("--warmup-seconds", type=float, default=2.0)
     p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=20,
+        help="GPU training settings: steps profiled after the timing, for the GPU time per image of the step, the "
+        "loader and the gaps (0: none)",
+    )
+    p.add_argument(
         "--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="auto: bf16 (fp16 on GPUs without bf16)"
     )
     p.add_argument(
@@ -199,8 +206,8 @@ def validate(args: argparse.Namespace) -> None:
         raise SystemExit(f"benchmark: unknown device(s) {', '.join(bad_devices)}; choose from cpu, gpu")
     if any(w < 0 for w in args.workers) or any(b < 1 for b in args.batch_sizes):
         raise SystemExit("benchmark: --workers must be >= 0 and --batch-sizes >= 1")
-    if args.seconds <= 0 or args.windows < 1:
-        raise SystemExit("benchmark: --seconds must be > 0 and --windows >= 1")
+    if args.seconds <= 0 or args.windows < 1 or args.profile_steps < 0:
+        raise SystemExit("benchmark: --seconds must be > 0, --windows >= 1 and --profile-steps >= 0")
     bad_compile = [c for c in args.compile if c not in COMPILE_CHOICES]
     if bad_compile or not args.compile:
         raise SystemExit(
@@ -365,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_batches": args.warmup_batches,
         "warmup_steps": args.warmup_steps,
         "warmup_seconds": args.warmup_seconds,
+        "profile_steps": args.profile_steps,
         "amp": args.amp,
         "compile_mode": args.compile_mode,
         "options": dict(args.option),

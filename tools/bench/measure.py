@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from tools.bench.gpu_profile import profile_steps
 from tools.bench.monitor import ResourceMonitor
 from tools.bench.settings import Setting, make_record
 from train.streams import running_on, training_stream
@@ -268,6 +269,8 @@ def measure(setting: Setting) -> dict[str, Any]:
             measured["amp_dtype"] = str(step.dtype).replace("torch.", "") if step.dtype else "fp32"
         else:
             measured["checksum_finite"] = bool(torch.isfinite(checksum).item())
+        if cuda and step is not None and setting.profile_steps > 0:  # after the timing: CUPTI slows the steps
+            measured["gpu_profile"] = profile_steps(consume, setting.profile_steps, lambda: synchronize(device))
         if loader is not None:
             measured["dataset_size"] = loader.dataset_size
         if cuda:

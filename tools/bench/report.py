@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from tools.bench.gpu_profile import gpu_time_table
 from tools.bench.settings import RESIDENT, resolve_compile
 from train.files import write_json_atomic as write_json
 
@@ -439,6 +440,7 @@ def markdown(result: dict[str, Any]) -> str:
             "Loader-only run: use `--mode both` for verdicts against the upper bound.",
             "",
         ]
+    lines += gpu_time_table(records, describe_setting)
     if result.get("tuned"):
         lines += [
             "## Tuned setting",

@@ -69,6 +69,7 @@ class Setting:
     compile_mode: str = "default"  # torch.compile mode when compiled: default | reduce-overhead | max-autotune
     divnorm: str = "nonorm"
     options: dict[str, Any] = field(default_factory=dict)  # extra data-section keys (e.g. subset)
+    profile_steps: int = 20  # GPU training modes: steps profiled after timing (tools/bench/gpu_profile.py), 0: none
     seed: int = 42
 
     @property
