@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:  # run as a script: make the project importable
 
 from tools.bench import data as bench_data  # noqa: E402
 from tools.bench.machine import describe_machine, machine_slug  # noqa: E402
-from tools.bench.report import markdown, tuned_fragment, verdicts, write_tuned  # noqa: E402
+from tools.bench.report import loader_label, markdown, tuned_fragment, verdicts, write_tuned  # noqa: E402
 from tools.bench.settings import (  # noqa: E402
     COMPILE_CHOICES,
     COMPILE_MODES,
@@ -308,6 +308,8 @@ def _kill(child: subprocess.Popen) -> None:
 def summary_line(record: dict[str, Any]) -> str:
     name = f"{record['mode']:<11} {record.get('model') or '':<9} {record['loader']:<8} {record['device']} "
     name += f"w{record['workers']} b{record['batch_size']}"
+    options = loader_label(record).partition(" ")[2]  # the --option / --variant keys it ran with
+    name += f" {options}" if options else ""
     if record.get("compile"):
         name += f" compiled({record.get('compile_mode')})"
     if record["status"] != "ok":

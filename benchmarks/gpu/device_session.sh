@@ -53,14 +53,14 @@ DEVICES=${DEVICES:-gpu}
 DALI_DECODE=${DALI_DECODE:-auto}
 STEP_CAP=${STEP_CAP:-240}
 STEP_ARGS=${STEP_ARGS:-}
-STEPS=${STEPS:-"tests train bench"}  # any of: gputests compare step tune recipe r18 tests bgtests train bench decode hwdec ffcv dn
+STEPS=${STEPS:-"tests train bench"}  # any of: gputests compare step tune recipe r18 tests bgtests train bench decode hwdec ffcv dn feed feedffcv feeddn e2e
 # bgtests: the GPU tests in a background process session (setsid) that outlives the call, for a machine kept warm
 # by the next calls (e.g. the transfers of DALI's parts); the next call's tests / train / bench steps wait for it
 # (at most BG_WAIT s) and copy its log. PYTEST_K: a -k filter for the GPU tests; BENCH_ROOT: where benchmark folders go (default: packed into bench.tar.gz)
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 any_of() { local name; for name in "$@"; do has "$name" && return 0; done; return 1; }
 # steps that read images (DALI, FFCV, the sample tree) or may import DALI (the GPU tests' DALI cases)
-needs_data() { any_of tests bgtests train bench decode hwdec ffcv dn; }
+needs_data() { any_of tests bgtests train bench decode hwdec ffcv dn feed feedffcv feeddn e2e; }
 # (step, recipe, compare and gputests need none of it: a call of only those ends after them)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -272,10 +272,11 @@ step benchmark
 # trainer: compiled on a GPU) compiles ResNet-50 once per setting process, a minute each on a fresh machine
 bench() {  # cap in seconds, name, then benchmark arguments (a later --compile overrides BENCH_COMPILE)
   local cap=$1 name=$2; shift 2
-  timeout -k 10 "$cap" $PY tools/benchmark.py --dataset imagenet --data "$tree" --devices "$DEVICES" --batch-sizes 256 \
-    --compile "${BENCH_COMPILE:-off}" \
+  # BENCH_EXTRA: arguments after the step's own (a CPU check shrinks resolution and time with it)
+  timeout -k 10 "$cap" $PY tools/benchmark.py --dataset imagenet --data "$tree" --devices "$DEVICES" \
+    --batch-sizes "${BENCH_BATCH:-256}" --compile "${BENCH_COMPILE:-off}" \
     --seconds 6 --windows 3 --warmup-seconds 3 --setting-timeout 90 --cache "$work/cache" --out "${BENCH_ROOT:-$work/bench}/$name" "$@" \
-    2>&1 | grep -v "^\s*$" | tail -40
+    ${BENCH_EXTRA:-} 2>&1 | grep -v "^\s*$" | tail -40
 }
 has bench && bench "$BENCH_CAP" resnet50 --loaders torch,dali --dali-devices gpu --workers 8,16 --mode both --model "$MODEL" --divnorm nonorm --tune
 has bench && bench 60 resnet50-dn --loaders dali --dali-devices gpu --workers 8 --mode train --model "$MODEL" --divnorm ours
@@ -292,6 +293,49 @@ has dn && bench 300 resnet50-dn-compile --loaders dali --dali-devices gpu --work
 # the hardware JPEG decoder's share (data.hw_decoder_load): more on the NVJPG engines leaves more SMs to training
 has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 8 --mode both --model "$MODEL" \
   --divnorm nonorm --option hw_decoder_load=1.0
+
+# ---- issue 20: feed the compiled ResNet-50 (224 px, batch 256), every comparison one benchmark run against its own
+# compiled bound (--compile on: each setting process compiles once, from the inductor cache after the first).
+# feedffcv: FFCV (CPU decoding, FFCV_WORKERS, default 16) at the resolution it trains at (FFCV_RES, default 176: the
+#   middle of ffcv-imagenet's 160 -> 192 ramp), the bound at the same resolution. Needs no DALI: the first call.
+# feed: DALI, its levers as --variant settings of one run (hardware decoder share, CPU decoding, training on a
+#   high-priority stream, prefetch), each with the GPU time per image of DALI's kernels beside training
+#   (--profile-steps); --tune writes $work/tuned.json for e2e. feeddn: ResNet-50 with DN after every conv, fed by
+#   the default DALI setting, against its own compiled bound. e2e: `python -m train imagenet resnet50 r50 --loader
+#   auto` (the tuned file of feed, else the fallback, which the log says), E2E_EPOCHS epochs on the sample tree.
+# The calls for a session of issue 20 (~11 of the 15 device-minutes; stage here first: bash
+# benchmarks/gpu/stage-ffcv.sh; bash benchmarks/gpu/stage-dali-site.sh; and .gpudata/imagenet-sample from
+# ../shared/data), each at once after the last (an idle machine goes back after ~30 s):
+#   1. carry .gpuffcv .gpudata .gpudali/part-00: IMAGENET_SAMPLE=$PWD/.gpudata/imagenet-sample STEPS="feedffcv"
+#      (timeout_s ~200)
+#   2., 3. carry .gpudali/part-01, then part-02: mkdir -p /tmp/dali-parts && cp .gpudali/part-* /tmp/dali-parts/
+#   4. carry .gpudali/part-03 .gpudata: IMAGENET_SAMPLE=... STEPS="feed e2e" (timeout_s ~560); feeddn in a later
+#      call if the budget allows (~120 s).
+# CPU check of the mechanics (DALI's CPU pipeline, FFCV on the CPU, a small model, minutes):
+#   OUT=/tmp/feed STEPS="feedffcv feed feeddn e2e" PY=.venv/bin/python IMAGENET_SAMPLE=../shared/data/imagenet-sample
+#   COPIES=2 DEVICES=cpu MODEL=resnet18 BENCH_BATCH=8 FEED_DALI_DEVICE=cpu FEED_THREADS=2 FFCV_WORKERS=2 FFCV_RES=64
+#   BENCH_EXTRA="--resolution 64 --seconds 1 --windows 1 --warmup-seconds 0 --compile off" E2E_EPOCHS=1
+#   E2E_EXTRA="data.image_size=64 data.batch_size=8 data.subset=32" bash benchmarks/gpu/device_session.sh
+feed_common=(--mode train --model "$MODEL" --compile on --profile-steps "${PROFILE_STEPS:-10}")
+has feedffcv && bench "${FEEDFFCV_CAP:-170}" feed-ffcv --loaders ffcv --workers "${FFCV_WORKERS:-16}" \
+  --divnorm nonorm --resolution "${FFCV_RES:-176}" "${feed_common[@]}"
+has feed && bench "${FEED_CAP:-330}" feed-dali --loaders dali --dali-devices "${FEED_DALI_DEVICE:-gpu}" \
+  --workers "${FEED_THREADS:-15}" --divnorm nonorm "${feed_common[@]}" --variant dali:hw_decoder_load=1.0 \
+  --variant dali:dali_decode=cpu --variant loader_priority=low --variant dali:hw_decoder_load=1.0,loader_priority=low \
+  --variant dali:prefetch=3 --tune "$work/tuned.json"
+has feeddn && bench "${FEEDDN_CAP:-150}" feed-dali-dn --loaders dali --dali-devices "${FEED_DALI_DEVICE:-gpu}" \
+  --workers "${FEED_THREADS:-15}" --divnorm ours "${feed_common[@]}"
+if has e2e; then
+  step "e2e: python -m train imagenet $MODEL r50 --loader auto, ${E2E_EPOCHS:-4} epochs on the sample tree"
+  timeout -k 10 "${E2E_CAP:-200}" $PY -m train imagenet "$MODEL" r50 --loader auto --data-dir "$tree" \
+    --epochs "${E2E_EPOCHS:-4}" --overwrite data.tuned_path="$work/tuned.json" data.batch_size=256 \
+    logging.progress_bar=off logging.runs_dir="$work/e2e-runs" ${E2E_EXTRA:-} >"$work/e2e.txt" 2>&1
+  echo "e2e exit $?" >>"$work/e2e.txt"; tail -8 "$work/e2e.txt"
+  mkdir -p "${BENCH_ROOT:-$work/bench}/e2e-r50"
+  cp "$work/e2e-runs/r50"/{config.json,metrics.jsonl,summary.json} "$work/e2e.txt" "${BENCH_ROOT:-$work/bench}/e2e-r50/" \
+    2>/dev/null
+  cp "$work/tuned.json" "${BENCH_ROOT:-$work/bench}/e2e-r50/" 2>/dev/null
+fi
 
 
 if has bgtests; then
