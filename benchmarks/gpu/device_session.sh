@@ -297,7 +297,8 @@ has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 
 # ---- issue 20: feed the compiled ResNet-50 (224 px, batch 256), every comparison one benchmark run against its own
 # compiled bound (--compile on: each setting process compiles once, from the inductor cache after the first).
 # feedffcv: FFCV (CPU decoding, FFCV_WORKERS, default 16) at the resolution it trains at (FFCV_RES, default 176: the
-#   middle of ffcv-imagenet's 160 -> 192 ramp), the bound at the same resolution. Needs no DALI: the first call.
+#   middle of ffcv-imagenet's 160 -> 192 ramp), the bound at the same resolution, from a conversion at FFCV_MAX_RES
+#   (default 256). Needs no DALI: the first call.
 # feed: DALI, its levers as --variant settings of one run (hardware decoder share, CPU decoding, training on a
 #   high-priority stream, prefetch), each with the GPU time per image of DALI's kernels beside training
 #   (--profile-steps); --tune writes $work/tuned.json for e2e. feeddn: ResNet-50 with DN after every conv, fed by
@@ -317,8 +318,16 @@ has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 
 #   BENCH_EXTRA="--resolution 64 --seconds 1 --windows 1 --warmup-seconds 0 --compile off" E2E_EPOCHS=1
 #   E2E_EXTRA="data.image_size=64 data.batch_size=8 data.subset=32" bash benchmarks/gpu/device_session.sh
 feed_common=(--mode train --model "$MODEL" --compile on --profile-steps "${PROFILE_STEPS:-10}")
-has feedffcv && bench "${FEEDFFCV_CAP:-170}" feed-ffcv --loaders ffcv --workers "${FFCV_WORKERS:-16}" \
-  --divnorm nonorm --resolution "${FFCV_RES:-176}" "${feed_common[@]}"
+if has feedffcv; then
+  # stored at most FFCV_MAX_RES px on the long side (default 256, as ffcv-imagenet's low-resolution recipe: a
+  # 176-px crop and the 224-of-256 validation crop need no more), timed apart; FFCV_MAX_RES=0 keeps the tree's sizes
+  step "feedffcv: convert the tree for FFCV at max-res ${FFCV_MAX_RES:-256}"
+  ffcv_data=$work/ffcv-maxres-${FFCV_MAX_RES:-256}
+  ( time $PY tools/convert.py imagenet --src "$tree" --out "$ffcv_data" --format ffcv --max-res "${FFCV_MAX_RES:-256}" \
+      >"$work/ffcv-convert.txt" 2>&1 ) 2>&1 | grep real; tail -1 "$work/ffcv-convert.txt"
+  bench "${FEEDFFCV_CAP:-170}" feed-ffcv --data "$ffcv_data" --loaders ffcv --workers "${FFCV_WORKERS:-16}" \
+    --divnorm nonorm --resolution "${FFCV_RES:-176}" "${feed_common[@]}"
+fi
 has feed && bench "${FEED_CAP:-330}" feed-dali --loaders dali --dali-devices "${FEED_DALI_DEVICE:-gpu}" \
   --workers "${FEED_THREADS:-15}" --divnorm nonorm "${feed_common[@]}" --variant dali:hw_decoder_load=1.0 \
   --variant dali:dali_decode=cpu --variant loader_priority=low --variant dali:hw_decoder_load=1.0,loader_priority=low \
