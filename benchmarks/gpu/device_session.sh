@@ -301,7 +301,8 @@ has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 
 #   (default 256). Needs no DALI: the first call.
 # feed: DALI, its levers as --variant settings of one run (hardware decoder share, CPU decoding, training on a
 #   high-priority stream, prefetch), each with the GPU time per image of DALI's kernels beside training
-#   (--profile-steps); --tune writes $work/tuned.json for e2e. feeddn: ResNet-50 with DN after every conv, fed by
+#   (--profile-steps); --tune writes $work/tuned.json for e2e; FEED_DALI_MAX_RES=256 runs it on shards re-encoded at
+#   most 256 px (DALI's CPU decoding 2.0x faster on the CPU machine: benchmarks/cpu-2cpu/stored-resolution/). feeddn: ResNet-50 with DN after every conv, fed by
 #   the default DALI setting, against its own compiled bound. e2e: `python -m train imagenet resnet50 r50 --loader
 #   auto` (the tuned file of feed, else the fallback, which the log says), E2E_EPOCHS epochs on the sample tree.
 # The calls for a session of issue 20 (~11 of the 15 device-minutes; stage here first: bash
@@ -328,10 +329,15 @@ if has feedffcv; then
   bench "${FEEDFFCV_CAP:-170}" feed-ffcv --data "$ffcv_data" --loaders ffcv --workers "${FFCV_WORKERS:-16}" \
     --divnorm nonorm --resolution "${FFCV_RES:-176}" "${feed_common[@]}"
 fi
-has feed && bench "${FEED_CAP:-330}" feed-dali --loaders dali --dali-devices "${FEED_DALI_DEVICE:-gpu}" \
-  --workers "${FEED_THREADS:-15}" --divnorm nonorm "${feed_common[@]}" --variant dali:hw_decoder_load=1.0 \
-  --variant dali:dali_decode=cpu --variant loader_priority=low --variant dali:hw_decoder_load=1.0,loader_priority=low \
-  --variant dali:prefetch=3 --tune "$work/tuned.json"
+feed_data=$tree
+if has feed && [ -n "${FEED_DALI_MAX_RES:-}" ]; then  # DALI shards re-encoded at most this many px (2.0x on the CPU)
+  feed_data=$work/dali-maxres-$FEED_DALI_MAX_RES
+  $PY tools/convert.py imagenet --src "$tree" --out "$feed_data" --format dali --max-res "$FEED_DALI_MAX_RES" | tail -1
+fi
+has feed && bench "${FEED_CAP:-330}" "feed-dali${FEED_DALI_MAX_RES:+-maxres-$FEED_DALI_MAX_RES}" --data "$feed_data" \
+  --loaders dali --dali-devices "${FEED_DALI_DEVICE:-gpu}" --workers "${FEED_THREADS:-15}" --divnorm nonorm \
+  "${feed_common[@]}" --variant dali:hw_decoder_load=1.0 --variant dali:dali_decode=cpu --variant loader_priority=low \
+  --variant dali:hw_decoder_load=1.0,loader_priority=low --variant dali:prefetch=3 --tune "$work/tuned.json"
 has feeddn && bench "${FEEDDN_CAP:-150}" feed-dali-dn --loaders dali --dali-devices "${FEED_DALI_DEVICE:-gpu}" \
   --workers "${FEED_THREADS:-15}" --divnorm ours "${feed_common[@]}"
 if has e2e; then
