@@ -304,7 +304,8 @@ has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 
 #   (--profile-steps); --tune writes $work/tuned.json for e2e; FEED_DALI_MAX_RES=256 runs it on shards re-encoded at
 #   most 256 px (DALI's CPU decoding 2.0x faster on the CPU machine: benchmarks/cpu-2cpu/stored-resolution/). feeddn: ResNet-50 with DN after every conv, fed by
 #   the default DALI setting, against its own compiled bound. e2e: `python -m train imagenet resnet50 r50 --loader
-#   auto` (the tuned file of feed, else the fallback, which the log says), E2E_EPOCHS epochs on the sample tree.
+#   auto` (the tuned file of feed, else the committed benchmarks/<machine>/tuned.json; the log names the file),
+#   E2E_EPOCHS epochs on the sample tree.
 # The calls for a session of issue 20 (~11 of the 15 device-minutes; stage here first: bash
 # benchmarks/gpu/stage-ffcv.sh; bash benchmarks/gpu/stage-dali-site.sh; and .gpudata/imagenet-sample from
 # ../shared/data), each at once after the last (an idle machine goes back after ~30 s):
@@ -342,8 +343,10 @@ has feeddn && bench "${FEEDDN_CAP:-150}" feed-dali-dn --loaders dali --dali-devi
   --workers "${FEED_THREADS:-15}" --divnorm ours "${feed_common[@]}"
 if has e2e; then
   step "e2e: python -m train imagenet $MODEL r50 --loader auto, ${E2E_EPOCHS:-4} epochs on the sample tree"
+  tuned=()  # this call's feed result, else the committed benchmarks/<machine>/tuned.json (the log names the file)
+  [ -f "$work/tuned.json" ] && tuned=(data.tuned_path="$work/tuned.json")
   timeout -k 10 "${E2E_CAP:-200}" $PY -m train imagenet "$MODEL" r50 --loader auto --data-dir "$tree" \
-    --epochs "${E2E_EPOCHS:-4}" --overwrite data.tuned_path="$work/tuned.json" data.batch_size=256 \
+    --epochs "${E2E_EPOCHS:-4}" --overwrite "${tuned[@]}" data.batch_size=256 \
     logging.progress_bar=off logging.runs_dir="$work/e2e-runs" ${E2E_EXTRA:-} >"$work/e2e.txt" 2>&1
   echo "e2e exit $?" >>"$work/e2e.txt"; tail -8 "$work/e2e.txt"
   mkdir -p "${BENCH_ROOT:-$work/bench}/e2e-r50"
