@@ -249,6 +249,29 @@ def test_loader_auto_reads_the_tuned_file_or_falls_back(tmp_path):
     assert resolve_loader_name(config, "imagenet", messages.append) == "dali"  # the original's GPU switch
 
 
+def test_loader_auto_falls_back_when_the_tuned_loader_cannot_read_the_data(tmp_path):
+    """A tuned file names the machine's fastest loader, not what the data was converted to: FFCV tuned for ImageNet
+    with an ImageFolder tree as data.path falls back to torch and says why; with a .beton there it stays FFCV."""
+    from train.data import resolve_loader_name
+
+    tuned = tmp_path / "tuned.json"
+    data = {"loader": "ffcv", "workers": 2, "batch_size": 64}
+    tuned.write_text(json.dumps({"imagenet": {"loader": "ffcv", "data": data}}))
+    tree = tmp_path / "tree"
+    (tree / "train" / "n01440764").mkdir(parents=True)
+    messages: list[str] = []
+    overrides = ["data.loader=auto", f"data.tuned_path={tuned}", f"data.path={tree}"]
+    config = load_config("imagenet", "alexnet", overrides)
+    assert resolve_loader_name(config, "imagenet", messages.append) == "torch"
+    assert messages[-1] == (f"loader auto: the tuned ffcv loader reads .beton files and {tree} holds none "
+                            "(tools/convert.py --format ffcv); using torch instead")  # fmt: skip
+    assert config["data"]["workers"] == 2  # the tuned keys stay: they are the torch loader's too
+    (tree / "ffcv").mkdir()
+    (tree / "ffcv" / "train.beton").write_bytes(b"")
+    config = load_config("imagenet", "alexnet", overrides)
+    assert resolve_loader_name(config, "imagenet", messages.append) == "ffcv"
+
+
 def test_every_loader_option_is_a_config_key():
     """Each ``spec.option("key")`` a loader reads must be settable: a key of configs/defaults.json's data section."""
     import re

@@ -5,14 +5,15 @@
 The fragment is a JSON object ``{"loader": "<backend>", "data": {<data keys>}}``, optionally keyed by data set
 (``{"imagenet": {...}, "cifar100": {...}}``, as ``tools/benchmark.py --tune`` writes it); its keys are validated like
 any config key, and only loader settings are taken (``batch_size`` stays the config's: it is a training
-hyperparameter). Without a fragment
-the choice falls back to ``gpu`` (tensor-resident) for the in-memory sets and ``torch`` for ImageNet, and says
-so in the log.
+hyperparameter). Without a fragment, or where the tuned backend cannot read this run's data (its package is not
+installed, or FFCV and ``data.path`` holds no ``.beton``), the choice falls back to ``gpu`` (tensor-resident) for
+the in-memory sets and ``torch`` for ImageNet, and says so in the log.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -64,7 +65,7 @@ def apply_tuned(config: dict[str, Any], dataset: str, log: Callable[[str], None]
             log(f"loader auto: {path} has no 'loader' entry for {dataset}; using the fallback")
             fragment = None
     if fragment is None:
-        fallback = "gpu" if dataset_info(dataset).in_memory else "torch"
+        fallback = fallback_loader(dataset)
         if not path.is_file():
             log(f"loader auto: no tuned settings at {path} (run tools/benchmark.py to write them); using {fallback}")
         config["data"]["loader"] = fallback
@@ -79,6 +80,50 @@ def apply_tuned(config: dict[str, Any], dataset: str, log: Callable[[str], None]
     if config["data"]["loader"] == "auto":
         raise ConfigError(f"{path}: 'loader' must name a backend, not 'auto'")
     log(f"loader auto: {config['data']['loader']} with tuned settings from {path}")
+    blocker = tuned_loader_blocker(config, dataset)
+    if blocker is not None:
+        fallback = fallback_loader(dataset)
+        log(f"loader auto: {blocker}; using {fallback} instead")
+        config["data"]["loader"] = fallback
+
+
+# the package a backend needs beyond torch
+BACKEND_PACKAGES = {"dali": "nvidia.dali", "ffcv": "ffcv"}
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ModuleNotFoundError:  # a parent package (``nvidia``) is missing
+        return False
+
+
+def tuned_loader_blocker(config: Mapping[str, Any], dataset: str) -> str | None:
+    """Why the tuned backend cannot read this run's data here (its package is missing, or FFCV without a ``.beton``
+    under ``data.path``: a tuned file says what is fastest on the machine, not what the data was converted to);
+    None when it can."""
+    name = config["data"]["loader"]
+    package = BACKEND_PACKAGES.get(name)
+    if package and not _installed(package):
+        return f"the tuned {name} loader needs {package}, which is not installed"
+    if name == "ffcv" and not dataset_info(dataset).in_memory:
+        from loaders.base import LoaderError
+        from loaders.ffcv import converted_beton
+
+        path = config["data"]["path"]
+        try:
+            found = converted_beton(LoaderSpec(dataset, "train", 1, True, data_dir=path))
+        except LoaderError as error:
+            return f"the tuned ffcv loader cannot read {path}: {error}"
+        if found is None:
+            return f"the tuned ffcv loader reads .beton files and {path} holds none (tools/convert.py --format ffcv)"
+    return None
+
+
+def fallback_loader(dataset: str) -> str:
+    """The backend ``--loader auto`` takes without a usable tuned setting: the tensor-resident ``gpu`` loader for
+    the in-memory sets, torch (which reads every ImageNet layout and needs no extra package) for ImageNet."""
+    return "gpu" if dataset_info(dataset).in_memory else "torch"
 
 
 def resolve_loader_name(config: dict[str, Any], dataset: str, log: Callable[[str], None]) -> str:
