@@ -9,6 +9,7 @@ conversion tool uses :mod:`loaders.datasets` without it): ``Loader`` and ``Loade
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 from loaders.errors import LoaderError
@@ -34,6 +35,22 @@ BACKENDS: dict[str, tuple[str, str, str | None]] = {
 }
 
 
+# backend name -> the package it needs beyond torch
+BACKEND_PACKAGES = {"dali": "nvidia.dali", "ffcv": "ffcv"}
+
+
+def missing_package(name: str) -> str | None:
+    """The package the ``name`` backend needs that is not installed here, found without importing it; None when
+    nothing is missing."""
+    package = BACKEND_PACKAGES.get(name)
+    if package is None:
+        return None
+    try:
+        return None if importlib.util.find_spec(package) is not None else package
+    except ModuleNotFoundError:  # a parent package (``nvidia``) is missing
+        return package
+
+
 def list_backends() -> list[str]:
     return list(BACKENDS)
 
@@ -51,4 +68,14 @@ def build_loader(name: str, spec: LoaderSpec) -> Loader:
     return backend_class(name)(spec)
 
 
-__all__ = ["BACKENDS", "Loader", "LoaderError", "LoaderSpec", "backend_class", "build_loader", "list_backends"]
+__all__ = [
+    "BACKENDS",
+    "BACKEND_PACKAGES",
+    "Loader",
+    "LoaderError",
+    "LoaderSpec",
+    "backend_class",
+    "build_loader",
+    "list_backends",
+    "missing_package",
+]

@@ -55,7 +55,6 @@ INSTALL_HINT = {
     "dali": "bash tools/setup.sh, or .venv/bin/pip install 'nvidia-dali-cuda130==2.4.0'",
     "ffcv": "bash tools/setup.sh, or .venv/bin/pip install --no-deps -r requirements/lock-ffcv.txt",
 }
-BACKEND_PACKAGE = {"dali": "nvidia.dali", "ffcv": "ffcv"}
 
 
 def _csv(kind):
@@ -251,13 +250,13 @@ def why_unavailable(setting: Setting, cuda: bool, plan: bench_data.DataPlan) -> 
         return "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
     if setting.loader == RESIDENT:
         return None
-    from loaders import BACKENDS
+    from loaders import BACKENDS, missing_package
 
     module = BACKENDS[setting.loader][0]
     if importlib.util.find_spec(module) is None:
         return f"backend module {module} is not in this checkout (not written yet)"
-    package = BACKEND_PACKAGE.get(setting.loader)
-    if package and importlib.util.find_spec(package.split(".")[0]) is None:
+    package = missing_package(setting.loader)
+    if package is not None:
         return f"{package} is not installed; install it with {INSTALL_HINT[setting.loader]}"
     return plan.unavailable.get(setting.loader)
 

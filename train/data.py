@@ -13,7 +13,6 @@ the in-memory sets and ``torch`` for ImageNet, and says so in the log.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from loaders import build_loader
+from loaders import build_loader, missing_package
 from loaders.base import Loader, LoaderSpec
 from loaders.datasets import dataset_info
 from train.config import CONFIG_DIR, ConfigError, defaults, merge
@@ -87,24 +86,13 @@ def apply_tuned(config: dict[str, Any], dataset: str, log: Callable[[str], None]
         config["data"]["loader"] = fallback
 
 
-# the package a backend needs beyond torch
-BACKEND_PACKAGES = {"dali": "nvidia.dali", "ffcv": "ffcv"}
-
-
-def _installed(package: str) -> bool:
-    try:
-        return importlib.util.find_spec(package) is not None
-    except ModuleNotFoundError:  # a parent package (``nvidia``) is missing
-        return False
-
-
 def tuned_loader_blocker(config: Mapping[str, Any], dataset: str) -> str | None:
     """Why the tuned backend cannot read this run's data here (its package is missing, or FFCV without a ``.beton``
     under ``data.path``: a tuned file says what is fastest on the machine, not what the data was converted to);
     None when it can."""
     name = config["data"]["loader"]
-    package = BACKEND_PACKAGES.get(name)
-    if package and not _installed(package):
+    package = missing_package(name)
+    if package is not None:
         return f"the tuned {name} loader needs {package}, which is not installed"
     if name == "ffcv" and not dataset_info(dataset).in_memory:
         from loaders.base import LoaderError
