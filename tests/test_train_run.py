@@ -167,6 +167,21 @@ def test_cuda_run_with_amp_and_compile(tmp_path, amp):
     assert (last["scaler"] is not None) == (amp == "fp16")
 
 
+@pytest.mark.gpu
+def test_cuda_run_with_the_loader_below_training(tmp_path, capsys):
+    """``data.loader_priority=low`` on a GPU: the run trains, validates and tests on the high-priority stream (CUDA
+    graphs and compile as by default) and says so; the same seed on the default stream gives the same test loss."""
+    losses = {}
+    for priority in ("same", "low"):
+        argv = ["synthetic", MODEL, f"prio-{priority}", *SMALL, f"logging.runs_dir={tmp_path}", "--epochs", "1",
+                "--loader", "gpu", "--device", "cuda", f"data.loader_priority={priority}"]  # fmt: skip
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert ("data.loader_priority=low: training on a CUDA stream of priority -" in out) == (priority == "low")
+        losses[priority] = json.loads((tmp_path / f"prio-{priority}" / "summary.json").read_text())["test"]["loss"]
+    assert losses["low"] == pytest.approx(losses["same"], rel=2e-2)  # bf16 and atomics: close, not bit-equal
+
+
 @pytest.mark.parametrize("interval", [3600, 0])
 def test_checkpoint_interval_defers_epoch_checkpoints(tmp_path, monkeypatch, interval):
     """``checkpoint.interval_seconds``: with an hour, of three epochs' checkpoints only the first (which shows at
