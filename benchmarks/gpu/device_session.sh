@@ -299,8 +299,9 @@ has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 
 # feedffcv: FFCV (CPU decoding, FFCV_WORKERS, default 16) at the resolution it trains at (FFCV_RES, default 176: the
 #   middle of ffcv-imagenet's 160 -> 192 ramp), the bound at the same resolution, from a conversion at FFCV_MAX_RES
 #   (default 256). Needs no DALI: the first call.
-# feed: DALI, its levers as --variant settings of one run (hardware decoder share, CPU decoding, training on a
-#   high-priority stream, prefetch), each with the GPU time per image of DALI's kernels beside training
+# feed: DALI, its levers as --variant settings of one run (FEED_VARIANTS, default: hardware decoder share 1.0, CPU
+#   decoding, training on a high-priority stream; e.g. add dali:prefetch=3 or
+#   dali:hw_decoder_load=1.0,loader_priority=low), each with the GPU time per image of DALI's kernels beside training
 #   (--profile-steps); --tune writes $work/tuned.json for e2e; FEED_DALI_MAX_RES=256 runs it on shards re-encoded at
 #   most 256 px (DALI's CPU decoding 2.0x faster on the CPU machine: benchmarks/cpu-2cpu/stored-resolution/). feeddn: ResNet-50 with DN after every conv, fed by
 #   the default DALI setting, against its own compiled bound. e2e: `python -m train imagenet resnet50 r50 --loader
@@ -319,7 +320,12 @@ has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 
 #   COPIES=2 DEVICES=cpu MODEL=resnet18 BENCH_BATCH=8 FEED_DALI_DEVICE=cpu FEED_THREADS=2 FFCV_WORKERS=2 FFCV_RES=64
 #   BENCH_EXTRA="--resolution 64 --seconds 1 --windows 1 --warmup-seconds 0 --compile off" E2E_EPOCHS=1
 #   E2E_EXTRA="data.image_size=64 data.batch_size=8 data.subset=32" bash benchmarks/gpu/device_session.sh
-feed_common=(--mode train --model "$MODEL" --compile on --profile-steps "${PROFILE_STEPS:-10}")
+# each setting process compiles ResNet-50 (cold ~1 min, then from the inductor cache): --setting-timeout 200
+feed_common=(--mode train --model "$MODEL" --compile on --profile-steps "${PROFILE_STEPS:-10}" --setting-timeout 200)
+feed_variants=()  # FEED_VARIANTS: the --variant values, space-separated (5 settings fit FEED_CAP's 330 s)
+for v in ${FEED_VARIANTS:-dali:hw_decoder_load=1.0 dali:dali_decode=cpu loader_priority=low}; do
+  feed_variants+=(--variant "$v")
+done
 if has feedffcv; then
   # stored at most FFCV_MAX_RES px on the long side (default 256, as ffcv-imagenet's low-resolution recipe: a
   # 176-px crop and the 224-of-256 validation crop need no more), timed apart; FFCV_MAX_RES=0 keeps the tree's sizes
@@ -337,8 +343,7 @@ if has feed && [ -n "${FEED_DALI_MAX_RES:-}" ]; then  # DALI shards re-encoded a
 fi
 has feed && bench "${FEED_CAP:-330}" "feed-dali${FEED_DALI_MAX_RES:+-maxres-$FEED_DALI_MAX_RES}" --data "$feed_data" \
   --loaders dali --dali-devices "${FEED_DALI_DEVICE:-gpu}" --workers "${FEED_THREADS:-15}" --divnorm nonorm \
-  "${feed_common[@]}" --variant dali:hw_decoder_load=1.0 --variant dali:dali_decode=cpu --variant loader_priority=low \
-  --variant dali:hw_decoder_load=1.0,loader_priority=low --variant dali:prefetch=3 --tune "$work/tuned.json"
+  "${feed_common[@]}" "${feed_variants[@]}" --tune "$work/tuned.json"
 has feeddn && bench "${FEEDDN_CAP:-150}" feed-dali-dn --loaders dali --dali-devices "${FEED_DALI_DEVICE:-gpu}" \
   --workers "${FEED_THREADS:-15}" --divnorm ours "${feed_common[@]}"
 if has e2e; then
