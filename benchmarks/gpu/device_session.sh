@@ -311,7 +311,7 @@ has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 
 # benchmarks/gpu/stage-ffcv.sh; bash benchmarks/gpu/stage-dali-site.sh; and .gpudata/imagenet-sample from
 # ../shared/data), each at once after the last (an idle machine goes back after ~30 s):
 #   1. carry .gpuffcv .gpudata .gpudali/part-00: IMAGENET_SAMPLE=$PWD/.gpudata/imagenet-sample STEPS="feedffcv"
-#      (timeout_s ~200)
+#      (timeout_s ~300: machine start, sample tree, conversion, FEEDFFCV_CAP 200)
 #   2., 3. carry .gpudali/part-01, then part-02: mkdir -p /tmp/dali-parts && cp .gpudali/part-* /tmp/dali-parts/
 #   4. carry .gpudali/part-03 .gpudata: IMAGENET_SAMPLE=... STEPS="feed e2e" (timeout_s ~560); feeddn in a later
 #      call if the budget allows (~120 s).
@@ -333,7 +333,7 @@ if has feedffcv; then
   ffcv_data=$work/ffcv-maxres-${FFCV_MAX_RES:-256}
   ( time $PY tools/convert.py imagenet --src "$tree" --out "$ffcv_data" --format ffcv --max-res "${FFCV_MAX_RES:-256}" \
       >"$work/ffcv-convert.txt" 2>&1 ) 2>&1 | grep real; tail -1 "$work/ffcv-convert.txt"
-  bench "${FEEDFFCV_CAP:-170}" feed-ffcv --data "$ffcv_data" --loaders ffcv --workers "${FFCV_WORKERS:-16}" \
+  bench "${FEEDFFCV_CAP:-200}" feed-ffcv --data "$ffcv_data" --loaders ffcv --workers "${FFCV_WORKERS:-16}" \
     --divnorm nonorm --resolution "${FFCV_RES:-176}" "${feed_common[@]}"
 fi
 feed_data=$tree
