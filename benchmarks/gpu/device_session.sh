@@ -303,8 +303,8 @@ has hwdec && bench 100 resnet50-hw1 --loaders dali --dali-devices gpu --workers 
 #   decoding, training on a high-priority stream; e.g. add dali:prefetch=3 or
 #   dali:hw_decoder_load=1.0,loader_priority=low), each with the GPU time per image of DALI's kernels beside training
 #   (--profile-steps); --tune writes $work/tuned.json for e2e; FEED_DALI_MAX_RES=256 runs it on shards re-encoded at
-#   most 256 px (DALI's CPU decoding 2.0x faster on the CPU machine: benchmarks/cpu-2cpu/stored-resolution/). feeddn: ResNet-50 with DN after every conv, fed by
-#   the default DALI setting, against its own compiled bound. e2e: `python -m train imagenet resnet50 r50 --loader
+#   most 256 px (DALI's CPU decoding 2.0x faster on the CPU machine: benchmarks/cpu-2cpu/stored-resolution/).
+#   feeddn: ResNet-50 with DN after every conv, fed by the default DALI setting, against its own compiled bound. e2e: `python -m train imagenet resnet50 r50 --loader
 #   auto` (the tuned file of feed, else the committed benchmarks/<machine>/tuned.json; the log names the file),
 #   E2E_EPOCHS epochs on the sample tree.
 # The calls for a session of issue 20 (~11 of the 15 device-minutes; stage here first: bash
