@@ -48,7 +48,7 @@ def short_run(tmp_path_factory) -> Path:
         "--dataset", "synthetic", "--loaders", ",".join(LOADERS), "--devices", "cpu,gpu", "--workers", "1",
         "--batch-sizes", "4", "--model", "resnet18", "--mode", "both", "--seconds", "0.6", "--windows", "2",
         "--warmup-batches", "2", "--warmup-steps", "1", "--warmup-seconds", "0", "--option", "subset=512",
-        "--in-process", "--out", str(out), "--tune", str(out / "tuned.json"),
+        "--in-process", "--out", str(out), "--tune", str(out / "tuned.json"), "--variant", "gpu:loader_priority=low",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return out
@@ -66,8 +66,11 @@ def test_results_json_has_every_setting_and_the_machine(short_run):
         assert all(key in record for key in REQUIRED_KEYS), record
         assert record["status"] in ("ok", "skipped"), record
         assert (record["images_per_second"] is None) == (record["status"] != "ok")
-    # the matrix: per device 1 upper bound + per loader 1 loader-only + 1 train setting
-    assert len(records) == 2 * (1 + 2 * len(LOADERS))
+    # the matrix: per device 1 upper bound + per loader 1 loader-only + 1 train setting, + the gpu loader's variant
+    # (training-side keys only: no loader-only setting of it)
+    assert len(records) == 2 * (1 + 2 * len(LOADERS) + 1)
+    variant = [r for r in records if r["options"] == {"subset": 512, "loader_priority": "low"}]
+    assert [(r["loader"], r["mode"], r["device"]) for r in variant] == [("gpu", "train", d) for d in ("cpu", "gpu")]
     cuda = torch.cuda.is_available()
     for record in records:
         loader_ok = record["loader"] == "resident" or available(record["loader"])
@@ -115,6 +118,8 @@ def test_markdown_tables_verdict_and_tuned_fragment(short_run):
     tuned = json.loads((short_run / "tuned.json").read_text())["synthetic"]  # the shape train/data.py reads
     assert tuned["loader"] == tuned["data"]["loader"] == best["loader"] and tuned["data"]["batch_size"] == 4
     assert tuned["data"]["workers"] == best["workers"] and tuned["benchmark"]["mode"] == "train"
+    assert tuned["data"].get("loader_priority") == best["options"].get("loader_priority")  # a variant's keys go too
+    assert "| gpu loader_priority=low | cpu | 0 |" in text  # the variant's own row
     # and the trainer's --loader auto takes it
     from train.config import defaults
     from train.data import apply_tuned
