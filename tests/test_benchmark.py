@@ -88,6 +88,9 @@ def test_results_json_has_every_setting_and_the_machine(short_run):
             assert record["checksum_finite"] and record["dataset_size"] == 512
         else:
             assert record["loss_finite"] and record["model"] == "resnet18"
+            assert 0 <= record["data_wait_percent"] <= 100 and record["data_wait_ms_per_image"] >= 0
+            if record["mode"] == "upper_bound":  # a fixed batch: next() returns at once
+                assert record["data_wait_percent"] < 5, record
     for record in records:  # --compile auto, as the trainer: compiled on a GPU, eager on the CPU
         if record["mode"] == "loader":
             assert record["compile"] is None and record["compile_mode"] is None

@@ -213,10 +213,13 @@ def measure(setting: Setting) -> dict[str, Any]:
             priority = str(setting.options.get("loader_priority", "same"))
             scope.enter_context(running_on(training_stream(device, priority)))
         checksum = torch.zeros((), device=device)
+        waited = 0.0  # host seconds blocked in next(batches): the step waiting for its loader
 
         def consume() -> int:
-            nonlocal checksum
+            nonlocal checksum, waited
+            asked = time.perf_counter()
             x, y = next(batches)
+            waited += time.perf_counter() - asked
             if step is None:
                 checksum += x[0, 0, 0, 0].float() + y[0].float()  # touch the batch, no host sync
             else:
@@ -238,6 +241,7 @@ def measure(setting: Setting) -> dict[str, Any]:
         clock = WindowClock(cuda)
         counts: list[int] = []
         monitor.begin_timed()
+        waited = 0.0
         clock.mark()
         threads = torch.get_num_threads()
         for _ in range(max(1, setting.windows)):
@@ -248,6 +252,7 @@ def measure(setting: Setting) -> dict[str, Any]:
             counts.append(images_seen)
         durations = clock.durations()
         monitor.end_timed()
+        timed_waited, host_seconds = waited, clock.host[-1] - clock.host[0]
         measured: dict[str, Any] = {
             **_spread([n / d for n, d in zip(counts, durations) if d > 0]),
             "windows": len(counts),
@@ -263,6 +268,10 @@ def measure(setting: Setting) -> dict[str, Any]:
             "resolution": resolution,
         }
         if step is not None:
+            # where a training setting's host time went: blocked on the loader (the rest is the step's dispatch, and
+            # on a GPU the wait for the device, which the GPU profile splits further)
+            measured["data_wait_percent"] = round(100.0 * timed_waited / max(host_seconds, 1e-9), 1)
+            measured["data_wait_ms_per_image"] = round(1000.0 * timed_waited / max(sum(counts), 1), 4)
             # the first call of a compiled model compiles it: that step is the compile time (plus one step)
             measured["compile_seconds"] = round(first_batch_seconds, 3) if setting.compile else None
             measured["loss_finite"] = bool(torch.isfinite(step.loss_sum).item())  # one sync, at the end

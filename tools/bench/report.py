@@ -451,15 +451,16 @@ def markdown(result: dict[str, Any]) -> str:
         ]
     lines += ["## Details", ""]
     lines.append(
-        "| mode | model | step | loader | device | workers | batch | img/s | p25–p75 | CPU % | system CPU % "
-        "| peak RSS MiB | build s | first batch s | warm-up s | GPU util % | GPU mem MiB |"
+        "| mode | model | step | loader | device | workers | batch | img/s | p25–p75 | data wait % | CPU % "
+        "| system CPU % | peak RSS MiB | build s | first batch s | warm-up s | GPU util % | GPU mem MiB |"
     )
-    lines.append("|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(ok(records), key=_setting_row_key):
         loader = loader_label(r)
         cells = [r["mode"], r.get("model") or "", step_label(r), loader, r["device"], r["workers"], r["batch_size"]]
         cells += [format_ips(r["images_per_second"])]
         cells += [f"{format_ips(r.get('images_per_second_p25'))}–{format_ips(r.get('images_per_second_p75'))}"]
+        cells += [_fmt(r.get("data_wait_percent"), 1)]
         cells += [_fmt(r.get(k)) for k in ("cpu_percent", "system_cpu_percent", "peak_rss_mib")]
         cells += [_fmt(r.get(k), 1) for k in ("build_seconds", "first_batch_seconds", "warmup_seconds")]
         cells += [_fmt(r.get(k)) for k in ("gpu_utilization_percent", "gpu_memory_allocated_mib")]
