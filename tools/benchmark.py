@@ -188,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--copies", type=int, default=30, help="--make-sample-tree: copies of each sample image in train/")
     p.add_argument("--val-copies", type=int, default=2, help="--make-sample-tree: copies in val/")
     args = p.parse_args(argv)
-    if args.make_sample_tree is None and args.dataset is None:
+    if args.make_sample_tree is None and args.dataset is None and not args.rebuild:  # --rebuild reads results.json's
         p.error("--dataset is required")
     return args
 

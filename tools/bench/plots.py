@@ -87,10 +87,11 @@ def plot_by_loader(records: list[dict[str, Any]], path: Path) -> Path:
             ax.text(
                 sum(positions) / len(positions),
                 -0.28,
-                loader,
+                loader.replace(" ", "\n"),  # one option key per line: variants' names stay apart
                 transform=ax.get_xaxis_transform(),
                 ha="center",
-                fontsize=10,
+                va="top",
+                fontsize=9,
                 fontweight="bold",
             )
         ax.set_ylabel("images/s")
@@ -150,7 +151,7 @@ def plot_train_vs_loader(records: list[dict[str, Any]], path: Path) -> Path | No
                 name = "compiled" if compiled else "eager"
                 ax.axhline(ips, color="#d62728", linestyle=style, label=f"upper bound, {name}: {format_ips(ips)}/s")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels(loaders)
+        ax.set_xticklabels([name.replace(" ", "\n") for name in loaders], fontsize=8)
         ax.set_ylabel("images/s (best setting)")
         dn = f" ({divnorm})" if divnorm and divnorm != "nonorm" else ""
         ax.set_title(f"{model}{dn} on {device}")
