@@ -601,26 +601,29 @@ def test_gpu_step_dry_run_writes_every_item(tmp_path):
     assert "## The unit tail after the conv" in text and "| resnet18 | 16 | 2 | ours_fused |" in text
 
 
-def _gpu_event(cat, ts, dur, correlation):
-    return {"ph": "X", "cat": cat, "name": cat, "ts": ts, "dur": dur, "args": {"correlation": correlation}}
+def _gpu_event(cat, ts, dur, correlation, stream=7):
+    args = {"correlation": correlation, "stream": stream}
+    return {"ph": "X", "cat": cat, "name": cat, "ts": ts, "dur": dur, "args": args}
 
 
 def test_gpu_profile_attributes_time_by_launching_thread():
     """The per-image split of a trace: the training thread's kernels, the loader's kernels and copies (another thread,
-    or no launch recorded), the time both ran at once, and the idle gaps (microseconds in, ms per image out)."""
+    or no launch recorded on a stream training does not use), the time both ran at once, and the idle gaps
+    (microseconds in, ms per image out)."""
     from tools.bench.gpu_profile import gpu_time_table, summarize
 
     launches = [{"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": tid, "ts": 0, "dur": 1,
                  "args": {"correlation": corr}} for tid, corr in ((100, 1), (100, 2), (200, 3), (200, 4))]  # fmt: skip
     trace = {"traceEvents": launches + [
         _gpu_event("kernel", 0, 10, 1), _gpu_event("kernel", 20, 10, 2),  # training: 20 us busy
-        _gpu_event("kernel", 5, 10, 3), _gpu_event("gpu_memcpy", 40, 4, 4),  # the loader's thread
-        _gpu_event("kernel", 50, 2, 99),  # launched where the trace has no record: the loader's
+        _gpu_event("kernel", 5, 10, 3, stream=13), _gpu_event("gpu_memcpy", 40, 4, 4, stream=13),  # loader's thread
+        _gpu_event("kernel", 50, 2, 99, stream=13),  # launch not in the trace, on the loader's stream: the loader's
+        _gpu_event("kernel", 25, 2, 98),  # launch not in the trace, on training's stream: training's (inside 20-30)
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "tid": 100, "ts": 0, "dur": 60, "args": {}},
     ]}  # fmt: skip
     got = summarize(trace, training_tid=100, images=2)
     assert got == {
-        "images": 2, "gpu_events": 5, "wall_ms": 0.026, "training_ms": 0.01, "loader_ms": 0.008,
+        "images": 2, "gpu_events": 6, "wall_ms": 0.026, "training_ms": 0.01, "loader_ms": 0.008,
         "loader_kernel_ms": 0.006, "loader_copy_ms": 0.002, "loader_beside_training_ms": 0.0025, "idle_ms": 0.0105,
     }  # fmt: skip
     assert summarize({"traceEvents": launches}, 100, 2) == {"images": 2, "gpu_events": 0}

@@ -4,8 +4,9 @@ After a GPU training setting's timed windows, ``--profile-steps N`` (default 20)
 ``torch.profiler`` with CUDA activities (CUPTI sees every kernel of the process, DALI's and FFCV's included). Each
 kernel, copy and memset is attributed by the thread that launched it: the measuring thread (the training step,
 and whatever the loader does in that thread: the torch loader's copy to the device, DALI's fp16 -> bf16 cast) is
-*training*, every other thread (DALI's executor, FFCV's transfer thread) is the *loader*; a GPU event whose launch
-was not recorded counts as the loader's. Per image of the profiled steps (``gpu_profile`` in the record):
+*training*, every other thread (DALI's executor, FFCV's transfer thread) is the *loader*. A GPU event whose launch
+the trace did not record goes by its stream: training's where the training thread launched other work on that
+stream, else the loader's. Per image of the profiled steps (``gpu_profile`` in the record):
 
 * ``wall_ms``: the GPU span of the profiled steps (first GPU event to last) / images, ~1000 / images per second;
 * ``training_ms``: time with a training kernel or copy running (union of their intervals);
@@ -65,17 +66,18 @@ def summarize(trace: dict[str, Any], training_tid: int, images: int) -> dict[str
         for e in events
         if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})
     }
+    gpu_events = [e for e in events if e.get("cat") in GPU_CATEGORIES and e.get("ph") == "X"]
+    launcher = [launched_by.get(e.get("args", {}).get("correlation")) for e in gpu_events]
+    training_streams = {e.get("args", {}).get("stream") for e, tid in zip(gpu_events, launcher) if tid == training_tid}
     spans: dict[str, list[tuple[float, float]]] = {"training": [], "loader_kernel": [], "loader_copy": []}
-    for e in events:
-        kind = GPU_CATEGORIES.get(e.get("cat", ""))
-        if kind is None or e.get("ph") != "X":
-            continue
+    for e, tid in zip(gpu_events, launcher):
         start = float(e["ts"])
         interval = (start, start + float(e.get("dur", 0.0)))
-        if launched_by.get(e.get("args", {}).get("correlation")) == training_tid:
+        unrecorded_on_training_stream = tid is None and e.get("args", {}).get("stream") in training_streams
+        if tid == training_tid or unrecorded_on_training_stream:
             spans["training"].append(interval)
         else:
-            spans[f"loader_{kind}"].append(interval)
+            spans[f"loader_{GPU_CATEGORIES[e['cat']]}"].append(interval)
     every = [iv for group in spans.values() for iv in group]
     if not every or images <= 0:
         return {"images": images, "gpu_events": 0}
