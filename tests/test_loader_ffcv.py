@@ -178,7 +178,7 @@ def test_eval_contract_order_and_exact_pixels(synthetic_dir):
             assert np.array_equal(torch.cat(got).numpy(), labels[rank::world_size])
             # raw pixels, no augmentation at evaluation: normalization undone gives the stored bytes back
             pixels = (torch.cat(batches) * std + mean) * 255.0
-            stored = torch.from_numpy(images[rank::world_size]).permute(0, 3, 1, 2).float()
+            stored = torch.tensor(images[rank::world_size]).permute(0, 3, 1, 2).float()
             assert (pixels - stored).abs().max() < 1e-3
 
     # other layouts and dtypes: NCHW contiguous and bfloat16 reuse the float32 pipeline, float16 has its own

@@ -66,7 +66,7 @@ def test_subset_keeps_the_first_samples():
     # evaluation does not augment: the uint8 pixels come back unchanged
     from loaders.datasets import CIFAR100_MEAN, CIFAR100_STD
 
-    assert torch.equal(to_uint8(torch.cat(batches), CIFAR100_MEAN, CIFAR100_STD), torch.from_numpy(images[:10]))
+    assert torch.equal(to_uint8(torch.cat(batches), CIFAR100_MEAN, CIFAR100_STD), torch.tensor(images[:10]))
 
 
 @pytest.mark.timeout(120)
