@@ -279,7 +279,10 @@ def measure(setting: Setting) -> dict[str, Any]:
         else:
             measured["checksum_finite"] = bool(torch.isfinite(checksum).item())
         if cuda and step is not None and setting.profile_steps > 0:  # after the timing: CUPTI slows the steps
-            measured["gpu_profile"] = profile_steps(consume, setting.profile_steps, lambda: synchronize(device))
+            try:
+                measured["gpu_profile"] = profile_steps(consume, setting.profile_steps, lambda: synchronize(device))
+            except RuntimeError as error:  # e.g. no CUPTI in the container: the throughput stands without it
+                measured["gpu_profile"] = {"error": f"{type(error).__name__}: {str(error).strip()[:300]}"}
         if loader is not None:
             measured["dataset_size"] = loader.dataset_size
         if cuda:
