@@ -73,6 +73,34 @@ def test_real_compile_is_timed_apart_cached_and_matches_eager(monkeypatch, tmp_p
 
 
 @pytest.mark.slow
+def test_static_graphs_take_a_resolution_again(monkeypatch, tmp_path):
+    """training.compile_dynamic=false (default): one static graph per input size, so training can go back to an
+    earlier resolution (with torch 2.14.1's automatic dynamic shapes this very net, NCHW, fails on 8 -> 12 -> 16 ->
+    8 px with an AssertionError on the saved input's strides; channels-last passes); each new size is compile time,
+    a size seen before is not, and the gradients match eager at every size."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    assert load_config("synthetic", "alexnet")["training"]["compile_dynamic"] is False
+    with pytest.raises(ConfigError, match="training.compile_dynamic"):
+        load_config("synthetic", "alexnet", ["training.compile_dynamic=sometimes"])
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 5))  # fmt: skip
+    guard = CompileGuard(net, enabled=True, device=torch.device("cpu"), say=print)
+    for size, new in ((8, True), (12, True), (16, True), (8, False), (12, False)):
+        x = torch.randn(4, 3, size, size)
+
+        def grads(model, x=x):
+            net.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            return [p.grad.clone() for p in net.parameters()]
+
+        got, seconds = guard.run(grads, ("train", x.shape))
+        assert (seconds > 0) == new and guard.compiled, (size, seconds, guard.error)
+        for a, b in zip(got, grads(net), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_a_model_that_cannot_compile_trains_eagerly_with_one_warning(tmp_path):
     """Inductor without a working C++ compiler (a real failure: CXX points nowhere) -> warning, eager, exit 0."""
     env = {**os.environ, "CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}

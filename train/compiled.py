@@ -5,6 +5,14 @@
 * :func:`use_persistent_cache`: inductor's FX-graph and AOTAutograd caches are on by default in torch but live in
   ``/tmp`` (wiped at reboot, per machine); they move to the user's cache folder so a rerun of the same model
   compiles in seconds. ``TORCHINDUCTOR_CACHE_DIR`` set by the user wins.
+* ``training.compile_dynamic`` (:data:`DYNAMIC_CHOICES`): ``false`` (default) compiles one static graph per input
+  shape; ``auto`` is torch's own default (after a second shape dynamo compiles a shape-generic graph); ``true``
+  compiles shape-generic graphs from the start. Static is the default because the shapes a run sees are few (the
+  training batch, per resolution of a progressive schedule; the evaluation batch and the last partial ones), each
+  static graph is specialised to its shape, and torch 2.14.1's automatic dynamic shapes fail (CPU inductor, NCHW
+  tensors, i.e. ``training.channels_last=false``) when training returns to an earlier resolution after three sizes
+  (8 -> 12 -> 16 -> 8 px or 32 -> 48 -> 64 -> 32: ``AssertionError: expected ... stride 3072==12288``: the generic
+  graph checks the strides of the size it was compiled at); static graphs do not. Not yet compared on a GPU.
 * :class:`CompileGuard`: holds the eager module and its compiled twin. Compilation happens lazily on the first call
   of each new (train/eval mode, input shape); the guard times exactly those calls (synchronized) as compile time, so
   epoch images/s excludes them, and when one of them raises it falls back to eager for good with one warning line
@@ -26,6 +34,7 @@ from torch import nn
 from train.preempt import Preempted
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+DYNAMIC_CHOICES = ("auto", True, False)  # training.compile_dynamic -> torch.compile(dynamic=None | True | False)
 T = TypeVar("T")
 
 
@@ -70,6 +79,8 @@ class CompileGuard:
         eager: the module (possibly DDP-wrapped) to run eagerly.
         enabled: compile it (``resolve_compile``'s answer).
         mode: ``training.compile_mode``; ``default`` passes no mode to ``torch.compile``.
+        dynamic: ``training.compile_dynamic``: False (a static graph per shape), ``"auto"`` (torch's default) or
+            True.
         device: synchronized around timed first calls, so the time is the compile's and not the queue's.
         say: where the one fallback warning line goes.
     """
@@ -80,11 +91,14 @@ class CompileGuard:
         *,
         enabled: bool,
         mode: str = "default",
+        dynamic: bool | str = False,
         device: torch.device,
         say: Callable[[str], None] = print,
     ) -> None:
         if mode not in COMPILE_MODES:
             raise ValueError(f"training.compile_mode={mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
+        if dynamic not in DYNAMIC_CHOICES:
+            raise ValueError(f"training.compile_dynamic={dynamic!r}; choose one of: auto, true, false")
         self.eager = eager
         self.enabled = enabled
         self.mode = mode
@@ -98,7 +112,9 @@ class CompileGuard:
         self.model: nn.Module = eager
         if enabled:
             use_persistent_cache()
-            self.model = torch.compile(eager, mode=None if mode == "default" else mode)  # type: ignore[assignment]
+            self.model = torch.compile(  # type: ignore[assignment]
+                eager, mode=None if mode == "default" else mode, dynamic=None if dynamic == "auto" else bool(dynamic)
+            )
 
     @property
     def compiled(self) -> bool:

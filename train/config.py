@@ -43,6 +43,7 @@ UNION_TYPES: dict[str, tuple[type, ...]] = {
     "optimizer.dampening": (float, int),
     "training.compile": (str, bool),  # auto | true | false
     "training.cuda_graphs": (str, bool),  # auto | true | false
+    "training.compile_dynamic": (str, bool),  # auto | true | false
     "model.divnorm_specs.fuse_bn": (str, bool),  # auto | true | false
 }
 
@@ -59,6 +60,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "training.compile": ("auto", True, False),
     "training.cuda_graphs": ("auto", True, False),
     "training.compile_mode": ("default", "reduce-overhead", "max-autotune"),
+    "training.compile_dynamic": ("auto", True, False),  # train.compiled.DYNAMIC_CHOICES
     "training.criterion": ("cross_entropy",),
     "optimizer.name": ("sgd", "adam", "adamw"),
     "lr_scheduler.name": ("steplr", "plateau", "cosine", "onecycle", "none"),

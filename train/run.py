@@ -199,6 +199,7 @@ class Run(RunCheckpoints):
             model,
             enabled=resolve_compile(training["compile"], device),
             mode=training["compile_mode"],
+            dynamic=training["compile_dynamic"],
             device=device,
             say=self.say,
         )
