@@ -26,7 +26,8 @@ How it keeps the loader contract exactly:
   batch handed out (prefetched batches not counted) and :meth:`DaliLoader.load_state_dict` builds the pipeline
   from it, which continues the streams exactly (at epoch boundaries as well as inside an epoch).
 * **Output.** ``crop_mirror_normalize`` writes fp16 (``spec.dtype`` float16 or bfloat16) or fp32 in NHWC; torch
-  receives it through DLPack (zero-copy: the dynamic executor keeps the buffer alive while torch holds it) and
+  receives it through DLPack (zero-copy: the dynamic executor keeps the buffer alive while torch holds it, and the
+  loader holds a GPU batch's outputs until the CUDA work queued on them has run, :class:`_HeldOutputs`) and
   ``permute(0, 3, 1, 2)`` makes it an NCHW channels-last view without a copy. DALI has no bfloat16 output, so
   bfloat16 is produced as float16 and converted by torch (on the training device). With
   ``channels_last=False`` DALI writes CHW directly.
@@ -174,6 +175,35 @@ class _EpochFeeder:
             raise LoaderError(f"cannot read a sample of {self.source.describe()}: {error}") from None
 
 
+class _HeldOutputs:
+    """Keeps a GPU pipeline's outputs alive until the CUDA work that reads them has run.
+
+    torch gets DALI's output buffers without a copy (DLPack). Once the last torch tensor of a batch is dropped, DALI
+    may free the buffer in its own stream order and fill it with a later batch, while the training step that reads
+    it (and, for fp16 input, saved it for its backward) can still be queued on the training stream: the host runs
+    ahead of the GPU. So each batch's outputs stay referenced here until an event recorded on the consumer's
+    stream when the *next* batch is handed out (by then the caller has queued its step on this one) has completed.
+    """
+
+    def __init__(self) -> None:
+        self._pending = None  # the outputs of the batch the caller is working on
+        self._queued: deque = deque()  # (event, outputs): released once the event has completed
+
+    def hand_out(self, outputs, device: torch.device) -> None:
+        self.finish(device)
+        self._pending = outputs
+
+    def finish(self, device: torch.device) -> None:
+        """The caller is done queuing work on the pending batch: hold it until that work has run."""
+        if self._pending is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._queued.append((event, self._pending))
+            self._pending = None
+        while self._queued and self._queued[0][0].query():
+            self._queued.popleft()
+
+
 class DaliLoader(Loader):
     """DALI pipeline behind the loader contract; see the module docstring."""
 
@@ -231,6 +261,7 @@ class DaliLoader(Loader):
             spec.world_size,
         )
         self._feeder = _EpochFeeder(self.source, keep=self.config.prefetch + 3)
+        self._held = _HeldOutputs()
         self._pipe = None
         self._needs_reset = False
         self._active: Iterator | None = None
@@ -314,6 +345,8 @@ class DaliLoader(Loader):
                     raise LoaderError(_pipeline_error(error, self.source, failed)) from None
                 consumed += 1
                 batch = self._to_torch(outputs)
+                if self.device_kind == "gpu":
+                    self._held.hand_out(outputs, self.spec.device)
                 del outputs
                 pipe.schedule_run()  # the next batch is decoded while the caller trains on this one
                 yield batch
@@ -325,6 +358,7 @@ class DaliLoader(Loader):
         finally:
             if not finished and self._pipe is not None:
                 self._drain(pipe)
+            self._held.finish(self.spec.device)
             self._active = None
 
     def _drain(self, pipe) -> None:

@@ -331,6 +331,25 @@ def test_mixed_pipeline_on_gpu(imagenet_tree, dali_shards):
 
 
 @pytest.mark.gpu
+def test_gpu_outputs_are_held_until_the_work_on_them_ran(imagenet_tree):
+    """A GPU pipeline's batches stay referenced until the CUDA work queued on them has run, then go: while the
+    stream is busy they are held, once it is idle at most the last one is."""
+    device = torch.device("cuda")
+    spec = _spec("imagenet", "train", True, imagenet_tree, device=device, dtype=torch.float16, batch_size=16)
+    loader = build_loader("dali", spec)
+    big = torch.randn(4096, 4096, device=device)
+    for index, (images, _labels) in enumerate(loader):
+        for _ in range(20):  # keep the stream busy with work queued after this batch's own
+            big = big @ big * 1e-3 + images.float().mean()
+        if index >= 2:
+            assert len(loader._held._queued) >= 1  # the earlier batches' work cannot all have run yet
+    torch.cuda.synchronize()
+    loader._held.finish(device)
+    assert len(loader._held._queued) <= 1 and loader._held._pending is None
+    loader.close()
+
+
+@pytest.mark.gpu
 def test_cpu_decoding_in_the_gpu_pipeline(imagenet_tree, dali_shards):
     """data.dali_decode=cpu: the contract holds, and validation pixels match the CPU pipeline's (same decoder,
     resize on the GPU instead of the CPU)."""
