@@ -37,7 +37,7 @@ from torch import nn
 
 from divnorm.common import DENOMINATOR_FLOOR, compute_dtype
 from divnorm.grouped import KERNEL_DTYPES, DivisiveNorm2d, _pooled_view, _sum_to, _unpooled
-from divnorm.ops import relu_dn_bn_fwd
+from divnorm.ops import relu_dn_bn
 
 FUSE_CHOICES = ("auto", True, False)
 
@@ -101,7 +101,7 @@ def relu_divnorm_batchnorm(x: torch.Tensor, dn: DivisiveNorm2d, norm: nn.BatchNo
     with torch.autocast(x.device.type, enabled=False):
         if kernel_applies(x, dn):
             settings = (dn.pool, float(dn.power), float(dn.eps), float(norm.eps), relu)
-            out, mean, var, _rstd = relu_dn_bn_fwd(x, dn.gamma, dn.sigma, weight, bias, *settings)
+            out, mean, var, _rstd = relu_dn_bn(x, dn.gamma, dn.sigma, weight, bias, *settings)
         else:
             params = (p.to(dtype) for p in (dn.gamma, dn.sigma, weight, bias))
             settings = (dn.pool, dn.power, dn.eps, norm.eps, relu)

@@ -598,6 +598,18 @@ def test_gpu_step_dry_run_writes_every_item(tmp_path):
     assert eager_ratio == pytest.approx(ours / nonorm, abs=1e-3)
     text = (out / "results.md").read_text()
     assert "## Targets" in text and "| (2, 64, 8, 8) | 8 |" in text and "| resnet18 | 16 | 2 | ours |" in text
+    assert "## Wall time against GPU time" not in text  # the profiler runs on a GPU only
+    # On a GPU the kernel items carry the profiler's busy / idle time: rendered beside the wall time, and the busy
+    # time checked against the layer target (the figures are set here: the renderer and the target are tested).
+    from benchmarks import gpu_step
+
+    triton = result["layer"][0]["variants"]["ours_triton"]
+    triton["gpu"] = {"calls": 5, "busy_ms": 0.5, "idle_ms": 0.25, "span_ms": 0.75}
+    rows = {row["name"]: row for row in gpu_step.targets(result)}
+    assert rows["ours fwd+bwd (2, 64, 8, 8), Triton, GPU busy ms (profiler)"]["met"] is True
+    text = gpu_step.markdown(result)
+    assert "## Wall time against GPU time" in text
+    assert f"| (2, 64, 8, 8) | {triton['ms']:.3f} | 0.500 | 0.250 | skipped | – | – |" in text
     assert "## The unit tail after the conv" in text and "| resnet18 | 16 | 2 | ours_fused |" in text
 
 

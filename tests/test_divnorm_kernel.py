@@ -176,8 +176,33 @@ def test_auto_on_cpu_takes_the_torch_path():
 
 @interpreted
 def test_interpreted_triton_on_cpu_takes_the_kernel():
+    """Eager: the custom op's twin (a plain autograd.Function over the same kernels, less host time a call)."""
     layer = build_divnorm({"type": "ours", "kernel": "triton"}, 64)
-    assert "divnorm_ours_fwd" in type(layer(torch.randn(2, 64, 2, 3, requires_grad=True)).grad_fn).__name__
+    assert type(layer(torch.randn(2, 64, 2, 3, requires_grad=True)).grad_fn).__name__ == "_OursEagerBackward"
+
+
+@interpreted
+@pytest.mark.parametrize("single", [False, True])
+def test_interpreted_eager_twin_equals_the_custom_op(single):
+    """The eager twin and the custom op (what a compiled model runs) give the same output and gradients, bit for
+    bit (the same kernels), for every combination of inputs that need a gradient."""
+    from divnorm.ops import ours_fused, ours_fwd
+
+    torch.manual_seed(0)
+    params = 1 if single else 8
+    x = torch.randn(2, 64, 3, 3).to(torch.bfloat16, memory_format=torch.channels_last)
+    gamma, sigma, dy = torch.randn(params) * 0.1, torch.rand(params) + 0.5, torch.randn(2, 64, 3, 3)
+    for needs in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+        results = []
+        for call in (ours_fwd, ours_fused):
+            inputs = [t.clone().requires_grad_(need) for t, need in zip((x, gamma, sigma), needs)]
+            y = call(*inputs, 8, 2.0, 1e-8)
+            y.backward(dy.to(y.dtype))
+            results.append([y.detach(), *(t.grad for t in inputs)])
+        for op_value, twin_value in zip(*results):
+            assert (op_value is None) == (twin_value is None)
+            if op_value is not None:
+                assert torch.equal(op_value, twin_value)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this process runs the interpreter")
@@ -191,8 +216,9 @@ def test_triton_on_cpu_without_interpreter_says_what_to_do():
 @pytest.mark.skipif(INTERPRETED, reason="this is the child's parent")
 def test_kernel_under_triton_interpreter():
     """Runs every ``test_interpreted_*`` test in a child pytest whose process starts with TRITON_INTERPRET=1."""
-    # the cases, 2 tile-loop tests and 4 others (odd layouts, opcheck, no graph break, kernel taken on CPU)
-    run_interpreted_tests(__file__, len(CASES) + 6)
+    # the cases, 2 tile-loop tests, 2 of the eager twin against the op and 4 others (odd layouts, opcheck, no graph
+    # break, kernel taken on CPU)
+    run_interpreted_tests(__file__, len(CASES) + 8)
 
 
 def test_bad_kernel_value_is_one_line():
@@ -264,7 +290,7 @@ def test_auto_takes_the_kernel_eagerly_and_the_torch_path_when_compiled_on_cuda(
     with torch.profiler.profile() as prof:
         net(x)
         torch.cuda.synchronize()
-    assert any("ours_fwd" in event.name for event in prof.events())  # eager: the custom op (the kernel) ran
+    assert any(event.name == "_OursEager" for event in prof.events())  # eager: the kernel ran (the op's twin)
 
 
 @pytest.mark.gpu

@@ -250,14 +250,36 @@ def test_interpreted_fused_kernel_in_bfloat16():
 
 
 @interpreted
-def test_interpreted_fused_kernel_takes_the_custom_op_and_nchw_the_function():
+def test_interpreted_fused_kernel_takes_the_kernel_and_nchw_the_function():
     dn, norm = _layers(64, torch.float32)
     dn.kernel = "triton"
     x = torch.randn(2, 64, 3, 3, requires_grad=True)
     nchw = relu_divnorm_batchnorm(x, dn, norm, relu=True)
     assert type(nchw.grad_fn).__name__ == "ReluDivNormBatchNormFunctionBackward"
     channels_last = relu_divnorm_batchnorm(x.to(memory_format=torch.channels_last), dn, norm, relu=True)
-    assert "relu_dn_bn_fwd" in type(channels_last.grad_fn).__name__
+    assert type(channels_last.grad_fn).__name__ == "_ReluDnBnEagerBackward"  # eager: the custom op's twin
+
+
+@interpreted
+def test_interpreted_fused_eager_twin_equals_the_custom_op():
+    """The eager twin and the custom op (what a compiled model runs) agree bit for bit, output and gradients."""
+    from divnorm.ops import relu_dn_bn, relu_dn_bn_fwd
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 3, 3).to(memory_format=torch.channels_last)
+    params = [torch.randn(8) * 0.1, torch.rand(8) + 0.5, torch.rand(64) + 0.5, torch.randn(64)]
+    dout = torch.randn(2, 64, 3, 3).to(memory_format=torch.channels_last)
+    for needs in ((True,) * 5, (True, False, False, False, False), (False, True, True, True, True)):
+        results = []
+        for call in (relu_dn_bn_fwd, relu_dn_bn):
+            inputs = [t.clone().requires_grad_(need) for t, need in zip((x, *params), needs)]
+            out, mean, var, rstd = call(*inputs, 8, 2.0, 1e-8, 1e-5, True)
+            out.backward(dout)
+            results.append([out.detach(), mean, var, rstd, *(t.grad for t in inputs)])
+        for op_value, twin_value in zip(*results):
+            assert (op_value is None) == (twin_value is None)
+            if op_value is not None:
+                assert torch.equal(op_value, twin_value)
 
 
 @interpreted
@@ -296,7 +318,7 @@ def test_interpreted_compiled_unit_with_the_kernel_has_no_graph_break():
 @pytest.mark.skipif(INTERPRETED or importlib.util.find_spec("triton") is None, reason="the child's parent")
 def test_fused_kernel_under_triton_interpreter():
     """Runs every ``test_interpreted_*`` test here in a child pytest started with TRITON_INTERPRET=1."""
-    run_interpreted_tests(__file__, len(KERNEL_CASES) + 4)
+    run_interpreted_tests(__file__, len(KERNEL_CASES) + 5)
 
 
 # ---- GPU (skipped without CUDA; see tests/conftest.py) ----
@@ -315,7 +337,7 @@ def test_fused_kernel_matches_the_three_layers_on_cuda(shape, p, power):
     x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
     expected = norm(dn(torch.relu(x_ref)))
     actual = relu_divnorm_batchnorm(x_fused, fused_dn, fused_norm, relu=True)
-    assert "relu_dn_bn_fwd" in type(actual.grad_fn).__name__
+    assert type(actual.grad_fn).__name__ == "_ReluDnBnEagerBackward"
     grad = torch.randn_like(expected)
     expected.backward(grad)
     actual.backward(grad)
@@ -354,7 +376,7 @@ def test_fuse_bn_auto_takes_the_kernels_eagerly_on_cuda():
         model(x).sum().backward()
         torch.cuda.synchronize()
     names = {event.name for event in prof.events()}
-    assert any("relu_dn_bn_fwd" in name for name in names) and any("relu_dn_bn_bwd" in name for name in names)
+    assert {"_ReluDnBnEager", "_ReluDnBnEagerBackward"} <= names  # the kernels, through the custom op's eager twin
 
 
 @pytest.mark.timeout(300)
