@@ -78,7 +78,7 @@ def ours_bwd(
     need_gamma: bool,
     need_sigma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused backward: (dx or an empty tensor, dgamma or zeros, dsigma or zeros)."""
+    """Fused backward: (dx or an empty tensor, dgamma, dsigma; both zeros when neither is needed)."""
     return _kernels().backward(grad, x, gamma, sigma, pool, power, eps, need_x, need_gamma, need_sigma)
 
 
@@ -209,9 +209,12 @@ def _fused_bn_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, gamma, sigma, weight, mean, rstd)  # x and (C,) statistics: the DN output is recomputed
     ctx.settings = (pool, power, eps, relu)
     ctx.mark_non_differentiable(mean, var, rstd)
+    ctx.set_materialize_grads(False)  # no zero gradients made for the three statistics (three launches a call)
 
 
 def _fused_bn_backward_through(bwd, ctx, grad_out):
+    if grad_out is None:  # the output did not reach the loss (gradients are not materialized as zeros)
+        return (None,) * 10
     x, gamma, sigma, weight, mean, rstd = ctx.saved_tensors
     grads = bwd(grad_out, x, gamma, sigma, weight, mean, rstd, *ctx.settings)
     return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])), None, None, None, None, None)

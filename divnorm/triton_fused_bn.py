@@ -6,11 +6,14 @@ recompute ``r = relu(x)``, ``q = |r|^P``, the pool sums ``D`` and ``y = exp(gamm
 conv output ``x``:
 
 - forward statistics: per-channel mean and M2 of ``y`` (Chan's parallel update per tile, one partial row per
-  program, combined by torch: no atomics, deterministic, stable for any batch size);
+  program, combined by ``_forward_finalize_kernel``: no atomics, deterministic, stable for any batch size);
 - forward output: ``out = y * a_c + b_c`` with ``a = w / sqrt(var + eps)``, ``b = bias - mean * a``;
-- backward statistics: per-channel sums of ``dout`` and ``dout * yhat``;
+- backward statistics: per-channel sums of ``dout`` and ``dout * yhat`` (reduced by ``_backward_finalize_kernel``
+  into BatchNorm's weight / bias gradients and the three coefficients below);
 - backward input: ``dy = k1_c dout + k2_c yhat + k3_c`` (BatchNorm's backward), then DN's backward to ``dx`` and
-  the per-pool partial sums for gamma and sigma.
+  the per-pool partial sums for gamma and sigma (reduced by :func:`divnorm.triton_ours.parameter_gradients`).
+
+The small reductions are one launch each instead of a dozen torch ops: host time is what a small layer costs.
 
 So the forward reads ``x`` twice and writes ``out`` once, and the backward reads ``x`` and ``dout`` twice and
 writes ``dx`` once: 8 passes over a tensor of the conv output's size, the count of a compiled ReLU + BatchNorm
@@ -146,6 +149,95 @@ def _forward_stats_kernel(
     tl.store(row + channels, mean, mask=channel_mask)
     tl.store(row + num_channels + channels, m2, mask=channel_mask)
     tl.store(row + 2 * num_channels + channels, mean * 0.0 + count, mask=channel_mask)
+
+
+@_jit
+def _forward_finalize_kernel(
+    partial_ptr,
+    weight_ptr,
+    bias_ptr,
+    mean_ptr,
+    var_ptr,
+    rstd_ptr,
+    a_ptr,
+    b_ptr,
+    programs,
+    num_channels,
+    num_rows,
+    bn_eps,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Per channel, from the programs' (count, mean, M2) rows: the batch mean, the biased variance (Chan's
+    combination), ``rstd`` and the output's scale ``a = w rstd`` and shift ``b = bias - mean a``; one launch."""
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < num_channels
+    rows = tl.arange(0, BLOCK_P)
+    weighted = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for first in range(0, programs, BLOCK_P):
+        program = first + rows
+        mask = (program < programs)[:, None] & channel_mask[None, :]
+        row = partial_ptr + program[:, None] * (3 * num_channels) + channels[None, :]
+        means = tl.load(row, mask=mask, other=0.0)
+        counts = tl.load(row + 2 * num_channels, mask=mask, other=0.0)
+        weighted += tl.sum(means * counts, axis=0)
+    mean = weighted / num_rows
+    spread = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for first in range(0, programs, BLOCK_P):
+        program = first + rows
+        mask = (program < programs)[:, None] & channel_mask[None, :]
+        row = partial_ptr + program[:, None] * (3 * num_channels) + channels[None, :]
+        means = tl.load(row, mask=mask, other=0.0)
+        m2s = tl.load(row + num_channels, mask=mask, other=0.0)
+        counts = tl.load(row + 2 * num_channels, mask=mask, other=0.0)
+        delta = means - mean[None, :]
+        spread += tl.sum(m2s + counts * delta * delta, axis=0)
+    var = spread / num_rows
+    rstd = 1.0 / tl.sqrt(var + bn_eps)
+    a = tl.load(weight_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32) * rstd
+    b = tl.load(bias_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32) - mean * a
+    tl.store(mean_ptr + channels, mean, mask=channel_mask)
+    tl.store(var_ptr + channels, var, mask=channel_mask)
+    tl.store(rstd_ptr + channels, rstd, mask=channel_mask)
+    tl.store(a_ptr + channels, a, mask=channel_mask)
+    tl.store(b_ptr + channels, b, mask=channel_mask)
+
+
+@_jit
+def _backward_finalize_kernel(
+    sums_ptr,
+    weight_ptr,
+    rstd_ptr,
+    grad_weight_ptr,
+    grad_bias_ptr,
+    k_ptr,
+    programs,
+    num_channels,
+    num_rows,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Per channel, from the programs' (sum dout, sum dout yhat) rows: BatchNorm's weight and bias gradients and
+    the three coefficients of its input gradient, ``k1 = w rstd``, ``k2 = -k1 dw / n``, ``k3 = -k1 db / n``
+    (rows 0-2 of ``k``); one launch."""
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < num_channels
+    rows = tl.arange(0, BLOCK_P)
+    grad_bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+    grad_weight = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for first in range(0, programs, BLOCK_P):
+        program = first + rows
+        mask = (program < programs)[:, None] & channel_mask[None, :]
+        row = sums_ptr + program[:, None] * (2 * num_channels) + channels[None, :]
+        grad_bias += tl.sum(tl.load(row, mask=mask, other=0.0), axis=0)
+        grad_weight += tl.sum(tl.load(row + num_channels, mask=mask, other=0.0), axis=0)
+    k1 = tl.load(weight_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
+    k1 = k1 * tl.load(rstd_ptr + channels, mask=channel_mask, other=0.0)
+    tl.store(k_ptr + channels, k1, mask=channel_mask)
+    tl.store(k_ptr + num_channels + channels, -k1 * grad_weight / num_rows, mask=channel_mask)
+    tl.store(k_ptr + 2 * num_channels + channels, -k1 * grad_bias / num_rows, mask=channel_mask)
+    tl.store(grad_weight_ptr + channels, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=channel_mask)
+    tl.store(grad_bias_ptr + channels, grad_bias.to(grad_bias_ptr.dtype.element_ty), mask=channel_mask)
 
 
 @_jit
@@ -302,6 +394,14 @@ def _backward_input_kernel(
     tl.store(row + num_pools + pools, correction_sum, mask=pool_mask)
 
 
+FINALIZE_CHANNELS = 128  # channels a finalize program reduces (the grid covers C in blocks of this)
+
+
+def _finalize_rows(programs: int) -> int:
+    """Partial rows a finalize program loads at a time: a power of 2, at most 32."""
+    return min(32, triton.next_power_of_2(programs))
+
+
 def _geometry(x: torch.Tensor, pool: int):
     """(layout, blocks, number of row tiles, pool blocks) of channels-last ``x``; ValueError for another layout."""
     _check_input(x)
@@ -337,12 +437,14 @@ def forward(
         x, partial, gamma, sigma, layout.pixels, num_tiles, channels, num_pools, gamma_stride, sigma_stride,
         float(eps), DENOMINATOR_FLOOR, **common,
     )  # fmt: skip
-    means, m2s, counts = partial.unbind(1)
-    mean = (means * counts).sum(0) / layout.pixels  # Chan's combination of the programs' (count, mean, M2)
-    var = (m2s + counts * (means - mean).square()).sum(0) / layout.pixels
-    rstd = torch.rsqrt(var + bn_eps)
-    a = weight.float() * rstd
-    b = bias.float() - mean * a
+    # (C,) fp32 each, from Chan's combination of the programs' (count, mean, M2); the three returned are separate
+    # tensors (an op's outputs may not alias each other), a and b share one
+    mean, var, rstd = (torch.empty(channels, dtype=torch.float32, device=x.device) for _ in range(3))
+    a, b = torch.empty((2, channels), dtype=torch.float32, device=x.device).unbind(0)
+    _forward_finalize_kernel[(triton.cdiv(channels, FINALIZE_CHANNELS),)](
+        partial, weight, bias, mean, var, rstd, a, b, programs, channels, float(layout.pixels), float(bn_eps),
+        BLOCK_P=_finalize_rows(programs), BLOCK_C=FINALIZE_CHANNELS, num_warps=4,
+    )  # fmt: skip
     out = torch.empty_like(x)
     _forward_output_kernel[(num_tiles, pool_blocks)](
         x, out, a, b, gamma, sigma, layout.pixels, channels, num_pools, gamma_stride, sigma_stride, float(eps),
@@ -379,15 +481,18 @@ def backward(
         x, dout, sums, mean, rstd, gamma_c, sigma_c, layout.pixels, num_tiles, channels, num_pools, gamma_stride,
         sigma_stride, float(eps), DENOMINATOR_FLOOR, **common,
     )  # fmt: skip
-    grad_bias, grad_weight = sums[:, 0].sum(0), sums[:, 1].sum(0)  # two tensors: op outputs may not alias
-    k1 = weight.float() * rstd
-    k2 = -k1 * grad_weight / layout.pixels
-    k3 = -k1 * grad_bias / layout.pixels
+    grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)  # op outputs may not alias
+    k = torch.empty((3, channels), dtype=torch.float32, device=x.device)  # k1, k2, k3 of BatchNorm's dx
+    _backward_finalize_kernel[(triton.cdiv(channels, FINALIZE_CHANNELS),)](
+        sums, weight, rstd, grad_weight, grad_bias, k, programs, channels, float(layout.pixels),
+        BLOCK_P=_finalize_rows(programs), BLOCK_C=FINALIZE_CHANNELS, num_warps=4,
+    )  # fmt: skip
+    k1, k2, k3 = k.unbind(0)
     dx = torch.empty_like(x)
     partial = torch.empty((programs, 2, num_pools), dtype=torch.float32, device=x.device)
     _backward_input_kernel[(programs, pool_blocks)](
         x, dout, dx, partial, mean, rstd, k1, k2, k3, gamma_c, sigma_c, layout.pixels, num_tiles, channels,
         num_pools, gamma_stride, sigma_stride, float(eps), DENOMINATOR_FLOOR, **common,
     )  # fmt: skip
-    grad_gamma, grad_sigma = parameter_gradients(*partial.sum(0), gamma, sigma, power, eps)
-    return dx, grad_gamma, grad_sigma, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+    grad_gamma, grad_sigma = parameter_gradients(partial, gamma, sigma, power, eps)
+    return dx, grad_gamma, grad_sigma, grad_weight, grad_bias

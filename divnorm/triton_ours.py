@@ -90,6 +90,59 @@ def _pool_terms(gamma_ptr, sigma_ptr, pools, pool_mask, gamma_stride, sigma_stri
 
 
 @_jit
+def _parameter_gradients_kernel(
+    partial_ptr,
+    sigma_ptr,
+    grad_gamma_ptr,
+    grad_sigma_ptr,
+    programs,
+    num_pools,
+    eps,
+    floor,
+    POWER: tl.constexpr,
+    SINGLE_GAMMA: tl.constexpr,
+    SINGLE_SIGMA: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    """One program: per pool, ``dgamma = sum T`` and ``dsigma = -sum(T / D) d|sigma|^P/dsigma`` where the offset is
+    above the floor (a floored offset is constant: no gradient), both summed over the pools for a single parameter.
+    ``partial`` holds a (2, G) row of sums per backward program; the rows are summed here, in a fixed order."""
+    rows = tl.arange(0, BLOCK_P)
+    gamma_sums = tl.zeros([BLOCK_G], dtype=tl.float32)
+    correction_sums = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for first_pool in range(0, num_pools, BLOCK_G):
+        pools = first_pool + tl.arange(0, BLOCK_G)
+        pool_mask = pools < num_pools
+        total = tl.zeros([BLOCK_G], dtype=tl.float32)
+        correction = tl.zeros([BLOCK_G], dtype=tl.float32)
+        for first_row in range(0, programs, BLOCK_P):
+            program = first_row + rows
+            mask = (program < programs)[:, None] & pool_mask[None, :]
+            row = partial_ptr + program[:, None] * (2 * num_pools) + pools[None, :]
+            total += tl.sum(tl.load(row, mask=mask, other=0.0), axis=0)
+            correction += tl.sum(tl.load(row + num_pools, mask=mask, other=0.0), axis=0)
+        if SINGLE_GAMMA:
+            gamma_sums += total
+        else:
+            tl.store(grad_gamma_ptr + pools, total.to(grad_gamma_ptr.dtype.element_ty), mask=pool_mask)
+        if SINGLE_SIGMA:
+            correction_sums += correction
+        else:
+            sigma = tl.load(sigma_ptr + pools, mask=pool_mask, other=0.0).to(tl.float32)
+            q = _abs_power(sigma, POWER)
+            grad = tl.where(q + eps > floor, -correction * _power_slope(sigma, q, POWER), 0.0)
+            tl.store(grad_sigma_ptr + pools, grad.to(grad_sigma_ptr.dtype.element_ty), mask=pool_mask)
+    if SINGLE_GAMMA:
+        tl.store(grad_gamma_ptr + tl.arange(0, 1), tl.sum(gamma_sums, axis=0).to(grad_gamma_ptr.dtype.element_ty))
+    if SINGLE_SIGMA:
+        sigma = tl.load(sigma_ptr + tl.arange(0, 1)).to(tl.float32)
+        q = _abs_power(sigma, POWER)
+        grad = tl.where(q + eps > floor, -tl.sum(correction_sums, axis=0) * _power_slope(sigma, q, POWER), 0.0)
+        tl.store(grad_sigma_ptr + tl.arange(0, 1), grad.to(grad_sigma_ptr.dtype.element_ty))
+
+
+@_jit
 def _ours_forward_kernel(
     x_ptr,
     y_ptr,
@@ -343,7 +396,8 @@ def backward(
     need_gamma: bool,
     need_sigma: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`forward` for x (an empty tensor when not needed), gamma and sigma (zeros when not)."""
+    """Gradients of :func:`forward` for x (an empty tensor when not needed), gamma and sigma (both computed when
+    either is needed, zeros when neither is)."""
     _check_input(x)
     layout = _layout(x)
     if layout is None:
@@ -353,9 +407,9 @@ def backward(
         memory_format = torch.channels_last if layout.channels_last else torch.contiguous_format
         grad = grad.contiguous(memory_format=memory_format)
     dx = output_like(x) if need_x else x.new_empty(0)
-    grad_gamma = torch.zeros_like(gamma)
-    grad_sigma = torch.zeros_like(sigma)
-    need_params = need_gamma or need_sigma
+    need_params = (need_gamma or need_sigma) and x.numel() > 0
+    if not need_params:
+        grad_gamma, grad_sigma = torch.zeros_like(gamma), torch.zeros_like(sigma)
     if x.numel() == 0 or not (need_x or need_params):
         return dx, grad_gamma, grad_sigma
     num_pools = x.shape[1] // pool
@@ -374,23 +428,21 @@ def backward(
         POOL=pool, POWER=float(power), NEED_DX=need_x, NEED_PARAMS=need_params,
         BLOCK_PIX=blocks.pix, BLOCK_G=blocks.pools, BLOCK_S=blocks.pool, num_warps=blocks.num_warps,
     )  # fmt: skip
-    if need_params:
-        total, correction = partial.sum(dim=0)  # the small second reduction: (programs, 2, G) -> 2 x (G,)
-        param_grads = parameter_gradients(total, correction, gamma, sigma, power, eps)
-        grad_gamma = param_grads[0] if need_gamma else grad_gamma
-        grad_sigma = param_grads[1] if need_sigma else grad_sigma
+    if need_params:  # both computed in one launch; the one not needed is dropped by the caller
+        grad_gamma, grad_sigma = parameter_gradients(partial, gamma, sigma, power, eps)
     return dx, grad_gamma, grad_sigma
 
 
 def parameter_gradients(
-    total: torch.Tensor, correction: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, power: float, eps: float
+    partial: torch.Tensor, gamma: torch.Tensor, sigma: torch.Tensor, power: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dgamma, dsigma) from the per-pool sums of ``T`` and ``T / D`` (summed over pools for a single parameter)."""
-    grad_gamma = (total if gamma.numel() > 1 else total.sum().reshape(1)).to(gamma.dtype)
-    s = sigma.float()
-    offset = (s * s if power == 2 else s.abs().pow(power)) + eps
-    d_offset = 2 * s if power == 2 else power * s.abs().pow(power - 1) * s.sign()
-    correction = correction if sigma.numel() > 1 else correction.sum().reshape(1)
-    # the floor on the offset is constant where it is active: no gradient there
-    grad_sigma = (-correction * d_offset * (offset > DENOMINATOR_FLOOR)).to(sigma.dtype)
+    """(dgamma, dsigma) from the backward programs' (programs, 2, G) partial sums of ``T`` and ``T / D``: summed over
+    the programs (and over the pools for a single parameter) and turned into the gradients in one launch."""
+    grad_gamma, grad_sigma = torch.empty_like(gamma), torch.empty_like(sigma)
+    programs, _, num_pools = partial.shape
+    _parameter_gradients_kernel[(1,)](
+        partial, sigma.contiguous(), grad_gamma, grad_sigma, programs, num_pools, float(eps), DENOMINATOR_FLOOR,
+        POWER=float(power), SINGLE_GAMMA=gamma.numel() == 1, SINGLE_SIGMA=sigma.numel() == 1,
+        BLOCK_P=min(32, _next_power_of_2(programs)), BLOCK_G=min(128, _next_power_of_2(num_pools)), num_warps=4,
+    )  # fmt: skip
     return grad_gamma, grad_sigma
