@@ -10,6 +10,10 @@ epoch, pad-crop + flip augmentation) is the reference. Against it, in subprocess
 * ``checkpoint.every_steps=3`` and a SIGKILL (kill -9) at step 7: ``--resume`` continues from step 6 and ends
   identical to the reference.
 
+The reference runs alone (it writes the data set the others read); the two interrupted runs then run at once, and
+so do their two resumes: one thread each, they share a 2-core machine at little cost, and the backend's five runs
+take three runs' time.
+
 The loader-level checks (a resumed epoch yields the very batches of an uninterrupted one) are cheaper and cover
 the ImageNet graphs too.
 """
@@ -60,13 +64,41 @@ def _installed(loader: str) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
 
-def _train(root, exp: str, loader: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "train", "synthetic", MODEL, exp, *SMALL, f"logging.runs_dir={root}",
-           f"data.path={root.parent / 'data'}", "--epochs", "2", "--loader", loader, "--device", "cpu",
-           *extra]  # fmt: skip
+def _command(root, exp: str, loader: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "train", "synthetic", MODEL, exp, *SMALL, f"logging.runs_dir={root}",
+            f"data.path={root.parent / 'data'}", "--epochs", "2", "--loader", loader, "--device", "cpu",
+            *extra]  # fmt: skip
+
+
+def _env(env: dict | None) -> dict:
     # one thread: on a busy 2-core machine this is ~5x faster than two, and as deterministic
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=240)
+    return {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def _train(root, exp: str, loader: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(root, exp, loader, *extra), cwd=REPO, env=_env(env), capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+
+
+def _train_together(runs: dict[str, tuple]) -> dict[str, subprocess.CompletedProcess]:
+    """Several ``_train`` runs at once (one thread each, so two share a 2-core machine without slowing each
+    other much): {name: (root, exp, loader, extra, env)} -> {name: completed process}."""
+    started = {}
+    for name, (root, exp, loader, extra, env) in runs.items():
+        cmd = _command(root, exp, loader, *extra)
+        started[name] = subprocess.Popen(cmd, cwd=REPO, env=_env(env), stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    done = {}
+    try:
+        for name, process in started.items():
+            stdout, stderr = process.communicate(timeout=240)
+            done[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return done
 
 
 def _ok(done: subprocess.CompletedProcess, code: int = 0) -> None:
@@ -104,38 +136,59 @@ def _assert_same_run(reference, folder) -> None:
             assert want["val"][key] == have["val"][key], (loader, key)
 
 
-def test_signal_saves_the_position_and_resume_is_exact(reference):
-    loader, root, _, _ = reference
+def _signal_at(loader: str) -> tuple[int, str]:
     step = random.Random(f"preempt-{loader}").randint(1, STEPS - 1)  # seeded: a known step per loader
-    name = "SIGUSR1" if loader in ("torch", "ffcv") else "SIGTERM"
+    return step, "SIGUSR1" if loader in ("torch", "ffcv") else "SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def interrupted(reference):
+    """A backend's two interrupted runs (a signal at a seeded step; SIGKILL at step 7 after checkpoints every 3
+    steps) at once, what each left in its folder, then their two ``--resume`` runs at once:
+    {exp: (interrupted run, names in its folder, its last.pt or None, resumed run)}."""
+    loader, root, _, _ = reference
+    step, name = _signal_at(loader)
     hooks = {"DIVNORM_SIGNAL_AT_STEP": f"{step}:{name}", "DIVNORM_SIGNAL_IN_SAVE": "1"}
-    done = _train(root, "signal", loader, env=hooks)
+    first = _train_together({
+        "signal": (root, "signal", loader, (), hooks),
+        "killed": (root, "killed", loader, ("checkpoint.every_steps=3",), {"DIVNORM_SIGNAL_AT_STEP": "7:SIGKILL"}),
+    })  # fmt: skip
+    left = {}
+    for exp in first:
+        folder = root / exp
+        names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        left[exp] = names, load(folder / "last.pt") if "last.pt" in names else None
+    resumed = _train_together({exp: (root, exp, loader, ("--resume",), None) for exp in first})
+    return {exp: (first[exp], *left[exp], resumed[exp]) for exp in first}
+
+
+def test_signal_saves_the_position_and_resume_is_exact(reference, interrupted):
+    loader, root, _, _ = reference
+    step, name = _signal_at(loader)
+    done, names, saved, resumed = interrupted["signal"]
     _ok(done, EXIT_PREEMPTED)
     assert EXIT_PREEMPTED == 3 and "--resume" in done.stderr
     assert f"preempted ({name}) at step {step}" in done.stdout
-    folder = root / "signal"
-    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")], "temp files left behind"
-    saved = load(folder / "last.pt")  # loadable although a second SIGTERM arrived while it was written
+    assert not [n for n in names if n.startswith(".")], "temp files left behind"
+    assert saved is not None, names  # loadable although a second SIGTERM arrived while it was written
     assert saved["global_step"] == step
     assert saved["position"]["epoch"] == (step // 4) and saved["position"]["batch"] == step % 4
     assert saved["position"]["ranks"][0]["sums"][3] == 8 * (step % 4)  # samples of the partial epoch so far
     assert len(saved["loaders"]) == 1 and ("dali_checkpoint" in saved["loaders"][0]) == (loader == "dali")
-    done = _train(root, "signal", loader, "--resume")
-    _ok(done)
-    assert f"batch {step % 4}/4 (step {step})" in done.stdout
-    _assert_same_run(reference, folder)
+    _ok(resumed)
+    assert f"batch {step % 4}/4 (step {step})" in resumed.stdout
+    _assert_same_run(reference, root / "signal")
 
 
-def test_kill_after_every_steps_checkpoint_resumes_exactly(reference):
-    loader, root, _, _ = reference
-    done = _train(root, "killed", loader, "checkpoint.every_steps=3", env={"DIVNORM_SIGNAL_AT_STEP": "7:SIGKILL"})
+def test_kill_after_every_steps_checkpoint_resumes_exactly(reference, interrupted):
+    _, root, _, _ = reference
+    done, names, saved, resumed = interrupted["killed"]
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
-    saved = load(root / "killed" / "last.pt")
+    assert saved is not None, names
     # saved at steps 3, 4 (the epoch's end) and 6: killed at 7, the folder holds step 6 = epoch 2, batch 2
     assert saved["global_step"] == 6 and (saved["position"]["epoch"], saved["position"]["batch"]) == (1, 2)
-    done = _train(root, "killed", loader, "--resume")
-    _ok(done)
-    assert "batch 2/4 (step 6)" in done.stdout
+    _ok(resumed)
+    assert "batch 2/4 (step 6)" in resumed.stdout
     _assert_same_run(reference, root / "killed")
 
 

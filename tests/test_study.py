@@ -82,12 +82,14 @@ def test_synthetic_size_sets_the_splits():
 
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory):
-    """nonorm and ours with BatchNorm x 2 seeds, one 2-step epoch each, one process at a time. ResNet-18, not the
+    """nonorm and ours with BatchNorm x 2 seeds, one 2-step epoch each, two processes at a time (``--parallel 2``:
+    one thread each, and the parallel path's logs and results are what the tests below read). ResNet-18, not the
     grid's AlexNet: the mechanics are the model's business only through --model, and AlexNet's 57 M parameters
     make each run write ~690 MB of checkpoints (14 s of a run on this VM against 6 s for ResNet-18)."""
     root = tmp_path_factory.mktemp("study")
     argv = ["synthetic", "--model", "resnet18", "--device", "cpu", "--epochs", "1", "--dn", "nonorm,ours",
-            "--batchnorm", "on", "--seeds", "2", "--name", "s", "--report-batch", "8", "--keep-last", *TINY,
+            "--batchnorm", "on", "--seeds", "2", "--name", "s", "--report-batch", "8", "--keep-last",
+            "--parallel", "2", *TINY,
             f"logging.runs_dir={root}", "checkpoint.save_conv1=false"]  # fmt: skip
     assert study_main(argv) == 0
     yield root / "s", argv
