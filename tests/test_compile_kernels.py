@@ -27,6 +27,7 @@ KERNELS = {
     "_backward_finalize_kernel",
 }
 REDUCE_KERNELS = {"_parameter_gradients_kernel", "_forward_finalize_kernel", "_backward_finalize_kernel"}
+TENSOR_WRITERS = {"_ours_forward_kernel", "_ours_backward_kernel", "_forward_output_kernel", "_backward_input_kernel"}
 
 
 @pytest.mark.parametrize("cases", ["options", "stages"])
@@ -46,6 +47,13 @@ def test_every_kernel_variant_compiles_for_sm90_without_spilling(cases):
     if cases == "stages":  # the real launch shapes: 8 warps a tile program at every stage (TUNING's 4096 / 512)
         assert {c.num_warps for c in compiled if c.kernel not in REDUCE_KERNELS} == {8}
         assert {c.num_warps for c in compiled if c.kernel in REDUCE_KERNELS} == {4}  # the small second reductions
+        for c in compiled:  # tensor traffic 128 bits (8 bf16) a thread an instruction wherever rows of 8 are aligned
+            _family, shape, layout = c.case.split(" ")
+            height, width = map(int, shape.split("x")[2:])
+            if c.kernel in REDUCE_KERNELS or (layout == "NCHW" and height * width % 8):
+                continue  # NCHW at 14x14 / 7x7: a channel's row of 196 / 49 bf16 is not 16-byte aligned
+            assert c.load_bits[0] == 128 and 16 not in c.load_bits, c
+            assert c.store_bits[0] == 128 if c.kernel in TENSOR_WRITERS else 16 not in c.store_bits, c
     # put back: the driver, the wrappers' CPU check and the kernels' per-device caches
     assert driver._active is active
     assert triton_ours.interpreter_enabled() is False
@@ -55,6 +63,20 @@ def test_every_kernel_variant_compiles_for_sm90_without_spilling(cases):
         import torch
 
         triton_ours.forward(torch.ones(1, 4, 2, 2), torch.zeros(2), torch.ones(2), 2, 2.0, 0.0)
+
+
+def test_global_access_widths_are_read_from_the_ptx():
+    ptx = """
+    @%p1 ld.global.L1::evict_last.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    ld.global.b16 %rs1, [ %rd2 + 0 ];
+    ld.global.nc.v2.f32 { %f1, %f2 }, [ %rd3 + 0 ];
+    @%p2 st.global.v4.b32 [ %rd4 + 0 ], { %r5, %r6, %r7, %r8 };
+    st.global.b16 [ %rd5 + 0 ], %rs2;
+    atom.global.add.f32 %f3, [ %rd6 + 0 ], %f4;
+    ld.shared.v4.b32 { %r9, %r10, %r11, %r12 }, [ %r13 + 0 ];
+    """
+    assert compile_kernels.global_access_bits(ptx) == ([128, 64, 16], [128, 16])
+    assert compile_kernels.global_access_bits("ret;") == ([], [])
 
 
 def test_resident_warps_follow_the_sm90_occupancy_limits():

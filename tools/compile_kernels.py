@@ -4,8 +4,10 @@ Triton's own compiler and ``ptxas`` (both ship in the triton wheel) build each k
 launch, for a chosen architecture (default sm_90: H100 / H200); nothing runs. Per variant: warps, registers a
 thread, spilled bytes (stack frame + local memory: the kernels call no functions, so only spills put anything
 there), shared memory and the warps an SM can keep resident, read from the cubin with the
-wheel's ``cuobjdump``. What this finds before a GPU is lent: code that Triton's interpreter (the CPU tests) runs
-but its compiler rejects, and launch shapes that spill registers or starve the SMs of warps.
+wheel's ``cuobjdump``, and the widths of the global loads and stores, read from the PTX. What this finds before a
+GPU is lent: code that Triton's interpreter (the CPU tests) runs but its compiler rejects, launch shapes that
+spill registers or starve the SMs of warps, and tensor traffic that is not vectorized (a bf16 tile read 16 bits
+an instruction instead of 128 needs 8x the memory instructions for the same bytes).
 
 Cases: ``stages`` launches every kernel (the ``ours`` forward and backward, both memory formats, and the four
 fused ReLU -> ours -> BatchNorm kernels) at the ResNet-50 stage shapes, bf16, batch 16 (the tile shape depends on
@@ -68,6 +70,8 @@ class Compiled:
     shared_bytes: int
     resident_warps: int | None  # per SM, from registers / warps / shared memory; None for an arch not tabled
     compile_seconds: float
+    load_bits: list[int]  # the widths of the PTX's global loads, each once, widest first (128: 8 bf16 a thread)
+    store_bits: list[int]  # the same for its global stores
 
 
 def resident_warps(arch: int, num_warps: int, registers: int, shared: int) -> int | None:
@@ -100,6 +104,19 @@ def _resources(cubin: bytes) -> dict[str, int]:
     if not {"REG", "STACK", "SHARED", "LOCAL"} <= found.keys():
         raise RuntimeError(f"compile_kernels: cuobjdump printed no resource usage:\n{text}")
     return {key: int(value) for key, value in found.items()}
+
+
+def global_access_bits(ptx: str) -> tuple[list[int], list[int]]:
+    """The widths in bits of the global-memory loads and of the stores in ``ptx``, each width once, widest first
+    (``ld.global.v4.b32`` is 128: 8 bf16 a thread an instruction; ``ld.global.b16`` is 16). Atomics are left out."""
+    widths: dict[str, set[int]] = {"ld": set(), "st": set()}
+    for op, suffixes in re.findall(r"\b(ld|st)\.global((?:\.[\w:]+)+)", ptx):
+        vector = re.search(r"\.v(\d)\b", suffixes)
+        element = re.search(r"\.[bfsu](\d+)$", suffixes)
+        if element is None:
+            raise RuntimeError(f"compile_kernels: no element type in PTX instruction {op}.global{suffixes}")
+        widths[op].add((int(vector.group(1)) if vector else 1) * int(element.group(1)))
+    return sorted(widths["ld"], reverse=True), sorted(widths["st"], reverse=True)
 
 
 class _TargetOnly:
@@ -240,6 +257,7 @@ def compile_cases(cases: str, arch: int = 90, families: tuple[str, ...] = ("ours
                     usage = _resources(kernel.asm["cubin"])
                     warps = kernel.metadata.num_warps
                     shared = max(usage["SHARED"], kernel.metadata.shared)
+                    load_bits, store_bits = global_access_bits(kernel.asm["ptx"])
                     results.append(
                         Compiled(
                             kernel=kernel.metadata.name,
@@ -250,6 +268,8 @@ def compile_cases(cases: str, arch: int = 90, families: tuple[str, ...] = ("ours
                             shared_bytes=shared,
                             resident_warps=resident_warps(arch, warps, usage["REG"], shared),
                             compile_seconds=round(seconds, 3),
+                            load_bits=load_bits,
+                            store_bits=store_bits,
                         )
                     )
     return results
@@ -276,13 +296,18 @@ def _markdown(rows: list[dict[str, Any]], arch: int, triton_version: str, comman
         "tile_elements / elements_per_warp of `divnorm.triton_ours.TUNING`. Written by "
         f"`{command}`.",
         "",
-        "| tuning | case | kernel | warps | registers | spilled bytes | shared bytes | resident warps / SM |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "Global load / store widths: the bits of the PTX's `ld.global` / `st.global` instructions, widest first "
+        "(128 = 8 bf16 a thread an instruction).",
+        "",
+        "| tuning | case | kernel | warps | registers | spilled bytes | shared bytes | resident warps / SM "
+        "| load bits | store bits |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['tuning']} | {r['case']} | {r['kernel']} | {r['num_warps']} | {r['registers']} | "
-            f"{r['spill_bytes']} | {r['shared_bytes']} | {r['resident_warps']} |"
+            f"{r['spill_bytes']} | {r['shared_bytes']} | {r['resident_warps']} | "
+            f"{', '.join(map(str, r['load_bits']))} | {', '.join(map(str, r['store_bits']))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -321,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"tuning": tuning, **asdict(row)})
                     print(
                         f"{tuning:>10}  {row.case:<44} {row.kernel:<24} warps {row.num_warps:>2}  "
-                        f"regs {row.registers:>3}  spill {row.spill_bytes:>4}  resident {row.resident_warps}"
+                        f"regs {row.registers:>3}  spill {row.spill_bytes:>4}  resident {row.resident_warps}  "
+                        f"ld {'/'.join(map(str, row.load_bits))}  st {'/'.join(map(str, row.store_bits))}"
                     )
     finally:
         triton_ours.TUNING.clear()
