@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         triton_ours.TUNING.clear()
         triton_ours.TUNING.update(default)
+        result["tuning_after"] = dict(triton_ours.TUNING)  # what the sweep left: the default again
         result["best_overall"] = _best_overall(result["shapes"])
         result["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         _write(result, args.out)

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from divnorm import build_divnorm
 from train.compiled import CompileGuard, cache_dir, resolve_compile
@@ -86,7 +87,8 @@ def test_static_graphs_take_a_resolution_again(monkeypatch, tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(8, 5))  # fmt: skip
     guard = CompileGuard(net, enabled=True, device=torch.device("cpu"), say=print)
-    for size, new in ((8, True), (12, True), (16, True), (8, False), (12, False)):
+    counters.clear()  # dynamo's own count of the graphs it compiled: one per size, none again for a size seen
+    for graphs, (size, new) in zip((1, 2, 3, 3, 3), ((8, True), (12, True), (16, True), (8, False), (12, False))):
         x = torch.randn(4, 3, size, size)
 
         def grads(model, x=x):
@@ -96,6 +98,7 @@ def test_static_graphs_take_a_resolution_again(monkeypatch, tmp_path):
 
         got, seconds = guard.run(grads, ("train", x.shape))
         assert (seconds > 0) == new and guard.compiled, (size, seconds, guard.error)
+        assert counters["stats"]["unique_graphs"] == graphs, (size, dict(counters["stats"]))
         for a, b in zip(got, grads(net), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 

@@ -330,6 +330,7 @@ def test_tuning_sweep_dry_run(tmp_path, kernel):
     assert [row["tile_elements"] for row in copies] == [8192, 8192]
     assert all(row["same_launch_as"] == [4096, 512] for row in copies)
     assert report["best_overall"] is not None and report["default_tuning"] == triton_ours.TUNING
+    assert report["tuning_after"] == report["default_tuning"]  # the sweep put the default back
     assert "| (2, 64, 4, 4) | 8 |" in (out / "results.md").read_text()
 
 

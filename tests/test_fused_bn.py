@@ -34,11 +34,22 @@ interpreted = pytest.mark.skipif(
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _layers(channels: int, dtype: torch.dtype = torch.float64, momentum: float | None = 0.1, affine=True, **specs):
-    """An ``ours`` layer and a BatchNorm2d with non-trivial parameters (seeded by the channel count)."""
+def _layers(
+    channels: int,
+    dtype: torch.dtype = torch.float64,
+    momentum: float | None = 0.1,
+    affine=True,
+    bn_eps: float = 1e-5,
+    **specs,
+):
+    """An ``ours`` layer and a BatchNorm2d with non-trivial parameters (seeded by the channel count).
+
+    ``bn_eps``: BatchNorm's eps. BatchNorm undoes DN's per-pool gain exp(gamma) but for its eps, so with the usual
+    1e-5 gamma's true gradient is ~1e-3 of sigma's; an eps of the variance's order makes it large enough to check
+    against its own scale."""
     generator = torch.Generator().manual_seed(channels)
     dn = build_divnorm({"type": "ours", "kernel": "torch", **specs}, channels).to(dtype)
-    norm = nn.BatchNorm2d(channels, momentum=momentum, affine=affine).to(dtype)
+    norm = nn.BatchNorm2d(channels, eps=bn_eps, momentum=momentum, affine=affine).to(dtype)
     with torch.no_grad():
         dn.gamma.copy_(torch.randn(dn.gamma.shape, generator=generator) * 0.3)
         dn.sigma.copy_(torch.rand(dn.sigma.shape, generator=generator) + 0.5)
@@ -97,9 +108,10 @@ def _compare(
                 assert param.grad is None, f"{name}.{param_name} is frozen but got a gradient"
                 continue
             # gamma's true gradient is ~0 (BatchNorm undoes a per-pool gain but for its eps), a sum of M * pool
-            # terms that cancel: measured against sigma's scale, and with fp32 sums 1e-3 of it
+            # terms that cancel: measured against sigma's scale, and with fp32 sums 1e-3 of it; with a large
+            # BatchNorm eps (the bn_eps cases) it is not small, and is measured against its own scale
             scale, limit = reference.grad, tolerance
-            if param_name == "gamma":
+            if param_name == "gamma" and norm.eps < 1:
                 scale, limit = theirs.sigma.grad, tolerance if dtype == torch.float64 else max(tolerance, 1e-3)
             error = (param.grad.double() - reference.grad).abs().max() / scale.abs().max().clamp_min(1e-6)
             assert error <= limit, f"d{name}.{param_name}: max error {error:.3g} (tolerance {limit:g})"
@@ -120,6 +132,7 @@ TORCH_CASES = [
     (256, {"p": 0.25, "single_sigma": True, "momentum": None}),
     (64, {"fix_gamma": True, "affine": False}),
     (64, {"fix_all": True, "size": (1, 2, 2)}),  # batch 1
+    (96, {"power": 3, "bn_eps": 10.0}),  # gamma's gradient checked against its own scale
 ]
 
 
@@ -234,6 +247,8 @@ KERNEL_CASES = [
     (256, {"size": (2, 9, 9)}),  # more row tiles than programs: each program combines several tiles
     (2048, {"p": 1.0, "size": (2, 1, 3)}),
     (2048, {"p": 0.5, "fix_gamma": True, "affine": False, "size": (1, 2, 3)}),
+    (64, {"bn_eps": 10.0}),  # gamma's gradient against its own scale (see _layers)
+    (256, {"size": (2, 9, 9), "bn_eps": 10.0, "single_gamma": True}),  # several tiles a program, one gamma
 ]
 
 
@@ -245,8 +260,9 @@ def test_interpreted_fused_kernel_matches_the_three_layers(channels, options):
 
 
 @interpreted
-def test_interpreted_fused_kernel_in_bfloat16():
-    _compare(64, kernel="triton", dtype=torch.bfloat16, tolerance=2e-2, steps=1)
+@pytest.mark.parametrize("bn_eps", [1e-5, 10.0])
+def test_interpreted_fused_kernel_in_bfloat16(bn_eps):
+    _compare(64, kernel="triton", dtype=torch.bfloat16, tolerance=2e-2, steps=1, bn_eps=bn_eps)
 
 
 @interpreted
@@ -318,7 +334,7 @@ def test_interpreted_compiled_unit_with_the_kernel_has_no_graph_break():
 @pytest.mark.skipif(INTERPRETED or importlib.util.find_spec("triton") is None, reason="the child's parent")
 def test_fused_kernel_under_triton_interpreter():
     """Runs every ``test_interpreted_*`` test here in a child pytest started with TRITON_INTERPRET=1."""
-    run_interpreted_tests(__file__, len(KERNEL_CASES) + 5)
+    run_interpreted_tests(__file__, len(KERNEL_CASES) + 6)
 
 
 # ---- GPU (skipped without CUDA; see tests/conftest.py) ----
@@ -326,10 +342,16 @@ def test_fused_kernel_under_triton_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    ("shape", "p", "power"), [((8, 256, 56, 56), 0.5, 2), ((8, 2048, 7, 7), 0.5, 2), ((16, 96, 15, 15), 1.0, 3)]
+    ("shape", "p", "power", "bn_eps"),
+    [
+        ((8, 256, 56, 56), 0.5, 2, 1e-5),
+        ((8, 2048, 7, 7), 0.5, 2, 1e-5),
+        ((16, 96, 15, 15), 1.0, 3, 1e-5),
+        ((8, 256, 28, 28), 0.5, 2, 10.0),  # gamma's gradient large enough to check (see _layers)
+    ],
 )
-def test_fused_kernel_matches_the_three_layers_on_cuda(shape, p, power):
-    dn, norm = _layers(shape[1], torch.float32, p=p, power=power)
+def test_fused_kernel_matches_the_three_layers_on_cuda(shape, p, power, bn_eps):
+    dn, norm = _layers(shape[1], torch.float32, bn_eps=bn_eps, p=p, power=power)
     dn, norm = dn.cuda(), norm.cuda()
     fused_dn, fused_norm = copy.deepcopy(dn), copy.deepcopy(norm)
     fused_dn.kernel = "triton"
@@ -343,8 +365,11 @@ def test_fused_kernel_matches_the_three_layers_on_cuda(shape, p, power):
     actual.backward(grad)
     _close(actual, expected, 2e-2, "output")
     _close(x_fused.grad, x_ref.grad, 3e-2, "dx")
-    for mine, theirs in ((fused_norm.weight, norm.weight), (fused_norm.bias, norm.bias), (fused_dn.sigma, dn.sigma)):
-        _close(mine.grad, theirs.grad, 2e-2, "parameter gradient")
+    pairs = [(fused_norm.weight, norm.weight), (fused_norm.bias, norm.bias), (fused_dn.sigma, dn.sigma)]
+    if bn_eps >= 1:
+        pairs.append((fused_dn.gamma, dn.gamma))
+    for mine, theirs in pairs:
+        _close(mine.grad, theirs.grad, 3e-2 if theirs is dn.gamma else 2e-2, "parameter gradient")
     _close(fused_norm.running_var, norm.running_var, 1e-2, "running_var")
 
 
@@ -363,6 +388,9 @@ def test_compiled_fused_model_has_no_graph_break_and_trains_like_the_unfused_one
     for mode, fuse_bn in (("unfused", False), ("fused-compiled", "auto")):
         net = _unit_model(fuse_bn, kernel=kernel).cuda().to(memory_format=torch.channels_last)
         losses[mode] = sgd_losses(net, torch.compile(net) if mode == "fused-compiled" else net, x, target)
+    assert min(losses["unfused"][1:]) < losses["unfused"][0], losses  # it trains
+    # losses, not weight gradients: this DN ResNet-18 at its initialization is ill-conditioned (its conv weights'
+    # gradients in fp32 differ from float64's by up to 35 % of their largest value, on the CPU, either path)
     torch.testing.assert_close(
         torch.tensor(losses["fused-compiled"]), torch.tensor(losses["unfused"]), rtol=3e-2, atol=3e-2
     )

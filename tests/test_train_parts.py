@@ -285,10 +285,15 @@ def test_loader_priority_low_runs_the_block_on_the_highest_priority_stream():
     caller = torch.cuda.current_stream(device)
     stream = training_stream(device, "low")
     assert stream is not None and stream.priority == torch.cuda.Stream.priority_range()[1] < 0
-    x = torch.randn(1024, 1024, device=device)  # queued on the caller's stream: the block must see it finished
+    # Each stream is held back by a GPU sleep (~tens of ms) before it writes, so a missing wait reads stale data:
+    # the block must see x written by the caller's stream, and the caller must see y written by the block.
+    x = torch.zeros(1024, 1024, device=device)
+    torch.cuda._sleep(50_000_000)
+    x.fill_(2.0)
     with running_on(stream):
         assert torch.cuda.current_stream(device) == stream
+        torch.cuda._sleep(50_000_000)
         y = (x @ x).sum()
     assert torch.cuda.current_stream(device) == caller
-    assert torch.allclose(y, (x @ x).sum(), rtol=1e-4)  # the caller's stream waited for the block
+    assert y.item() == 4.0 * 1024**3  # every entry of x @ x is 4 * 1024: exact in fp32 (and tf32) sums
     assert training_stream(device, "same") is None
