@@ -263,8 +263,32 @@ def imagenet_split_dir(root: str | os.PathLike | None, split: str) -> Path:
         raise LoaderError(f"ImageNet needs --data-dir: expected {IMAGENET_LAYOUT}")
     folder = Path(root) / ("train" if split == "train" else "val")
     if not folder.is_dir():
-        raise LoaderError(f"ImageNet split {split!r} not found: looked for {folder}; expected {IMAGENET_LAYOUT}")
+        message = f"ImageNet split {split!r} not found: looked for {folder}; expected {IMAGENET_LAYOUT}"
+        conversion = conversion_manifest(root)
+        if conversion is not None:
+            message += (
+                f"; {root} is a tools/convert.py output ({conversion.get('format')}): read it with "
+                f"--loader {conversion.get('format')} (or auto), or give the torch loader its source "
+                f"{conversion.get('source')}"
+            )
+        raise LoaderError(message)
     return folder
+
+
+def conversion_manifest(root: str | os.PathLike) -> dict | None:
+    """The manifest of a tools/convert.py output at ``root`` (``OUT``, ``OUT/dali`` or ``OUT/ffcv``; DALI's first),
+    or None where ``root`` holds none (or none that parses)."""
+    import json
+
+    root = Path(root)
+    for folder in (root / "dali", root / "ffcv", root):
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and manifest.get("format") in ("dali", "ffcv"):
+            return manifest
+    return None
 
 
 def imagenet_classes(split_dir: str | os.PathLike) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -270,6 +271,27 @@ def test_loader_auto_falls_back_when_the_tuned_loader_cannot_read_the_data(tmp_p
     (tree / "ffcv" / "train.beton").write_bytes(b"")
     config = load_config("imagenet", "alexnet", overrides)
     assert resolve_loader_name(config, "imagenet", messages.append) == "ffcv"
+
+
+def test_loader_auto_falls_back_to_the_format_a_folder_was_converted_to(tmp_path, monkeypatch):
+    """Without a tuned file, ImageNet falls back to torch for an ImageFolder tree (or no path) and, for a
+    tools/convert.py output (which torch cannot read), to the loader of the format found there: of both, DALI first
+    where CUDA is, FFCV first on a CPU machine; a package missing sends it to the other."""
+    from train.data import fallback_loader
+
+    out = tmp_path / "converted"
+    (out / "dali").mkdir(parents=True)
+    (out / "dali" / "manifest.json").write_text(json.dumps({"format": "dali", "dataset": "imagenet"}))
+    assert fallback_loader("imagenet", out) == fallback_loader("imagenet", out / "dali") == "dali"
+    (out / "ffcv").mkdir()
+    (out / "ffcv" / "train.beton").write_bytes(b"")
+    assert fallback_loader("imagenet", out / "ffcv") == "ffcv"
+    assert fallback_loader("imagenet", out / "ffcv" / "train.beton") == "ffcv"
+    assert fallback_loader("imagenet", out) == ("dali" if torch.cuda.is_available() else "ffcv")
+    assert fallback_loader("imagenet", None) == fallback_loader("imagenet", tmp_path / "tree") == "torch"
+    assert fallback_loader("cifar100", out) == "gpu"
+    monkeypatch.setitem(sys.modules, "ffcv" if not torch.cuda.is_available() else "nvidia.dali", None)  # not installed
+    assert fallback_loader("imagenet", out) == ("ffcv" if torch.cuda.is_available() else "dali")
 
 
 def test_every_loader_option_is_a_config_key():

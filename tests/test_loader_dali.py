@@ -383,6 +383,57 @@ def test_gpu_arrays_and_cpu_pipeline_to_cuda(indexed_arrays):
 # ------------------------------------------------------------------------------------------ training
 
 
+def test_loader_auto_trains_from_a_converted_folder(dali_shards, imagenet_tree, tmp_path, capsys):
+    """The README's `python -m train imagenet ... --data-dir <tools/convert.py output> --loader auto`: torch cannot
+    read the shards, so with no tuned file, or a tuned file that names torch, auto takes the DALI loader, says why,
+    and the run trains; an ImageFolder tree still falls back to torch."""
+    from train.__main__ import main
+    from train.config import load_config
+    from train.data import resolve_loader_name
+
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"imagenet": {"loader": "torch", "data": {"loader": "torch", "workers": 1}}}))
+    messages: list[str] = []
+    overrides = ["data.loader=auto", f"data.tuned_path={tuned}"]
+    config = load_config("imagenet", "alexnet", [*overrides, f"data.path={dali_shards}"])
+    assert resolve_loader_name(config, "imagenet", messages.append) == "dali"
+    assert messages[-1] == (
+        f"loader auto: the tuned torch loader reads ImageFolder trees, not the tools/convert.py output at "
+        f"{dali_shards}; using dali instead, the format of the conversion at {dali_shards}"
+    )
+    config = load_config("imagenet", "alexnet", [*overrides, f"data.path={imagenet_tree}"])
+    assert resolve_loader_name(config, "imagenet", messages.append) == "torch"
+
+    argv = ["imagenet", "alexnet", "auto-converted", "--data-dir", str(dali_shards), "--loader", "auto", "--device",
+            "cpu", "--epochs", "1", f"data.tuned_path={tmp_path / 'none.json'}", "data.image_size=32",
+            "data.batch_size=32", f"logging.runs_dir={tmp_path / 'runs'}", "checkpoint.save_last=false",
+            "checkpoint.save_best=false", "logging.progress_bar=off"]  # fmt: skip
+    assert main(argv) == 0
+    assert "no tuned settings" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "runs" / "auto-converted" / "summary.json").read_text())
+    assert summary["loader"] == "dali" and summary["epochs"] == 1
+
+
+def test_torch_and_the_benchmark_on_a_converted_folder(dali_shards, imagenet_tree, tmp_path):
+    """The torch loader cannot read a tools/convert.py output: its error says so and how to read it. The benchmark,
+    given one as --data, gives the torch loader the source its manifest names, or says why it cannot."""
+    from tools.bench.data import prepare_data
+
+    hint = rf"tools/convert.py output \(dali\): read it with --loader dali .*{imagenet_tree.name}"
+    with pytest.raises(LoaderError, match=hint):
+        build_loader("torch", _spec("imagenet", "val", False, dali_shards))
+    plan = prepare_data("imagenet", str(dali_shards), ["torch", "dali"], tmp_path / "cache")
+    assert plan.data_dirs == {"torch": str(imagenet_tree.resolve()), "dali": str(dali_shards)}
+    assert plan.unavailable == {} and plan.conversions == []
+    moved = tmp_path / "moved" / "dali"  # a conversion whose source is not on this machine
+    moved.mkdir(parents=True)
+    manifest = json.loads((dali_shards / "dali" / "manifest.json").read_text())
+    (moved / "manifest.json").write_text(json.dumps({**manifest, "source": str(tmp_path / "gone")}))
+    plan = prepare_data("imagenet", str(moved.parent), ["torch", "dali", "ffcv"], tmp_path / "cache")
+    assert sorted(plan.unavailable) == ["ffcv", "torch"] and plan.data_dirs["dali"] == str(moved.parent)
+    assert f"its source ({tmp_path / 'gone'}) is not on this machine" in plan.unavailable["torch"]
+
+
 @pytest.mark.slow
 def test_short_training_run_with_dali_learns(tmp_path):
     """`python -m train synthetic alexnet ... --loader dali` on the CPU pipeline: validation far above chance."""

@@ -341,6 +341,22 @@ def test_imagenet_train_contract_and_progressive_resolution(imagenet_ffcv):
 
 
 @pytest.mark.timeout(300)  # includes the conversion fixture
+def test_loader_auto_reads_the_ffcv_conversion(imagenet_ffcv, tmp_path):
+    """`--loader auto` on tools/convert.py's FFCV output with no tuned file: FFCV (torch cannot read a .beton),
+    whether --data-dir names the output folder, its ffcv folder or a .beton."""
+    from train.config import load_config
+    from train.data import resolve_loader_name
+
+    messages: list[str] = []
+    beton = imagenet_ffcv / "ffcv" / "train.beton"
+    for path in (imagenet_ffcv, imagenet_ffcv / "ffcv", beton):
+        overrides = ["data.loader=auto", f"data.tuned_path={tmp_path / 'none.json'}", f"data.path={path}"]
+        config = load_config("imagenet", "resnet18", overrides)
+        assert resolve_loader_name(config, "imagenet", messages.append) == "ffcv"
+    assert messages[-1].endswith(f"using ffcv, the format of the conversion at {beton}")
+
+
+@pytest.mark.timeout(300)  # includes the conversion fixture
 def test_clear_errors(imagenet_tree, imagenet_ffcv, monkeypatch):
     with pytest.raises(LoaderError, match="tools/convert.py imagenet"):
         build_loader("ffcv", spec_for("imagenet", "val", 8, False, imagenet_tree))

@@ -6,8 +6,10 @@ The fragment is a JSON object ``{"loader": "<backend>", "data": {<data keys>}}``
 (``{"imagenet": {...}, "cifar100": {...}}``, as ``tools/benchmark.py --tune`` writes it); its keys are validated like
 any config key, and only loader settings are taken (``batch_size`` stays the config's: it is a training
 hyperparameter). Without a fragment, or where the tuned backend cannot read this run's data (its package is not
-installed, or FFCV and ``data.path`` holds no ``.beton``), the choice falls back to ``gpu`` (tensor-resident) for
-the in-memory sets and ``torch`` for ImageNet, and says so in the log.
+installed, FFCV and ``data.path`` holds no ``.beton``, torch and ``data.path`` is a ``tools/convert.py`` output),
+the choice falls back, and says so in the log: to ``gpu`` (tensor-resident) for the in-memory sets; for ImageNet
+to ``torch`` for an ImageFolder tree, or to the loader of the format ``data.path`` was converted to
+(:func:`fallback_loader`).
 """
 
 from __future__ import annotations
@@ -64,9 +66,12 @@ def apply_tuned(config: dict[str, Any], dataset: str, log: Callable[[str], None]
             log(f"loader auto: {path} has no 'loader' entry for {dataset}; using the fallback")
             fragment = None
     if fragment is None:
-        fallback = fallback_loader(dataset)
+        fallback = fallback_loader(dataset, config["data"]["path"])
         if not path.is_file():
-            log(f"loader auto: no tuned settings at {path} (run tools/benchmark.py to write them); using {fallback}")
+            log(
+                f"loader auto: no tuned settings at {path} (run tools/benchmark.py to write them); using {fallback}"
+                + _converted_note(fallback, config)
+            )
         config["data"]["loader"] = fallback
         return
     update = {"data": dict(fragment.get("data", {}))}
@@ -81,8 +86,8 @@ def apply_tuned(config: dict[str, Any], dataset: str, log: Callable[[str], None]
     log(f"loader auto: {config['data']['loader']} with tuned settings from {path}")
     blocker = tuned_loader_blocker(config, dataset)
     if blocker is not None:
-        fallback = fallback_loader(dataset)
-        log(f"loader auto: {blocker}; using {fallback} instead")
+        fallback = fallback_loader(dataset, config["data"]["path"])
+        log(f"loader auto: {blocker}; using {fallback} instead" + _converted_note(fallback, config))
         config["data"]["loader"] = fallback
 
 
@@ -94,6 +99,11 @@ def tuned_loader_blocker(config: Mapping[str, Any], dataset: str) -> str | None:
     package = missing_package(name)
     if package is not None:
         return f"the tuned {name} loader needs {package}, which is not installed"
+    if name == "torch" and not dataset_info(dataset).in_memory:
+        converted = converted_loaders(config["data"]["path"])
+        if converted:
+            path = config["data"]["path"]
+            return f"the tuned torch loader reads ImageFolder trees, not the tools/convert.py output at {path}"
     if name == "ffcv" and not dataset_info(dataset).in_memory:
         from loaders.base import LoaderError
         from loaders.ffcv import converted_beton
@@ -108,10 +118,51 @@ def tuned_loader_blocker(config: Mapping[str, Any], dataset: str) -> str | None:
     return None
 
 
-def fallback_loader(dataset: str) -> str:
+def fallback_loader(dataset: str, data_path: str | os.PathLike | None = None) -> str:
     """The backend ``--loader auto`` takes without a usable tuned setting: the tensor-resident ``gpu`` loader for
-    the in-memory sets, torch (which reads every ImageNet layout and needs no extra package) for ImageNet."""
-    return "gpu" if dataset_info(dataset).in_memory else "torch"
+    the in-memory sets. For ImageNet, torch (it needs no extra package) for an ImageFolder tree or no path; for a
+    ``tools/convert.py`` output, which torch cannot read, the loader of a format found there: of both, the one whose
+    package is installed, DALI first where CUDA is (its decoding runs on the GPU), FFCV first on a CPU machine (its
+    CPU pipeline is the faster there: docs/limits.md)."""
+    if dataset_info(dataset).in_memory:
+        return "gpu"
+    converted = converted_loaders(data_path)
+    if not converted:
+        return "torch"
+    order = ("dali", "ffcv") if torch.cuda.is_available() else ("ffcv", "dali")
+    converted.sort(key=lambda name: (missing_package(name) is not None, order.index(name)))
+    return converted[0]  # with no package for either, its loader's error says how to install it
+
+
+def _converted_note(fallback: str, config: Mapping[str, Any]) -> str:
+    if fallback not in ("dali", "ffcv"):
+        return ""
+    return f", the format of the conversion at {config['data']['path']}"
+
+
+def converted_loaders(data_path: str | os.PathLike | None) -> list[str]:
+    """The loaders of the ImageNet conversions ``tools/convert.py`` left at ``data_path`` (the output folder, or its
+    ``dali`` / ``ffcv`` folder, or a ``.beton``): ``dali`` for its shards, ``ffcv`` for its ``.beton`` files. A
+    conversion its loader will reject (a split missing, another data set) counts: that loader's error is the one
+    that says what is wrong."""
+    if not data_path:
+        return []
+    from loaders.base import LoaderError
+    from loaders.dali_sources import find_converted_dir
+    from loaders.ffcv import converted_beton
+
+    found = []
+    try:
+        if find_converted_dir(data_path) is not None:
+            found.append("dali")
+    except LoaderError:
+        found.append("dali")
+    try:
+        if converted_beton(LoaderSpec("imagenet", "train", 1, True, data_dir=str(data_path))) is not None:
+            found.append("ffcv")
+    except LoaderError:
+        found.append("ffcv")
+    return found
 
 
 def resolve_loader_name(config: dict[str, Any], dataset: str, log: Callable[[str], None]) -> str:

@@ -3,9 +3,10 @@ and the repeated ImageNet sample tree used for the committed CPU results.
 
 ``--data`` may be a source data set (an ImageFolder root for ImageNet, the folder holding
 ``cifar-100-python/`` for CIFAR-100) or an output folder of ``tools/convert.py`` (``OUT`` with ``OUT/ffcv`` and/or
-``OUT/dali``). The synthetic set needs nothing. Where the DALI or FFCV loader needs a converted ImageNet that
-``--data`` does not hold, :func:`prepare_data` runs ``tools/convert.py`` into a cache folder once and times it;
-the time is reported apart from the throughput.
+``OUT/dali``; the torch loader then reads the ImageFolder tree the conversion's manifest names as its source, where
+that tree is on this machine). The synthetic set needs nothing. Where the DALI or FFCV loader needs a converted
+ImageNet that ``--data`` does not hold, :func:`prepare_data` runs ``tools/convert.py`` into a cache folder once and
+times it; the time is reported apart from the throughput.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from loaders.datasets import conversion_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 CONVERT = REPO / "tools" / "convert.py"
@@ -117,20 +120,31 @@ def prepare_data(dataset: str, data: str | None, loaders: list[str], cache: Path
         return plan
     root = Path(data)
     cache = cache or default_cache_dir()
+    source = root if (root / "train").is_dir() else conversion_source(root)
+    if "torch" in loaders and source != root:
+        if source is not None:
+            plan.data_dirs["torch"] = str(source)
+            print(f"benchmark: the torch loader reads the conversion's source {source}", file=sys.stderr)
+        else:
+            named = (conversion_manifest(root) or {}).get("source")
+            plan.unavailable["torch"] = (
+                f"the torch loader reads ImageFolder trees; --data {data} is a tools/convert.py output and its source "
+                f"({named or 'not in its manifest'}) is not on this machine"
+            )
     for loader in loaders:
         fmt = FORMAT_OF_LOADER.get(loader)
         if fmt is None or has_format(root, fmt):
             continue
-        if not (root / "train").is_dir():
+        if source is None:
             plan.unavailable[loader] = f"--data {data} has no {fmt} conversion and no ImageFolder source to make one"
             continue
-        out = _cache_folder(cache, dataset, root)
+        out = _cache_folder(cache, dataset, source)
         if has_format(out, fmt):
             plan.conversions.append(
                 {
                     "dataset": dataset,
                     "format": fmt,
-                    "source": str(root),
+                    "source": str(source),
                     "out": str(out),
                     "status": "cached",
                     "reason": "reused an earlier conversion",
@@ -138,14 +152,21 @@ def prepare_data(dataset: str, data: str | None, loaders: list[str], cache: Path
                 }
             )
         else:
-            print(f"benchmark: converting {root} to {fmt} in {out} (timed separately)", file=sys.stderr)
-            record = convert(dataset, root, out, fmt)
+            print(f"benchmark: converting {source} to {fmt} in {out} (timed separately)", file=sys.stderr)
+            record = convert(dataset, source, out, fmt)
             plan.conversions.append(record)
             if record["status"] != "ok":
                 plan.unavailable[loader] = f"conversion to {fmt} {record['status']}: {record['reason']}"
                 continue
         plan.data_dirs[loader] = str(out)
     return plan
+
+
+def conversion_source(root: Path) -> Path | None:
+    """The ImageFolder tree a tools/convert.py output at ``root`` was made from (its manifest's ``source``), where
+    that tree is on this machine; None otherwise."""
+    source = (conversion_manifest(root) or {}).get("source")
+    return Path(source) if source and (Path(source) / "train").is_dir() else None
 
 
 def make_sample_tree(
