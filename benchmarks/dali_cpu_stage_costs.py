@@ -39,8 +39,6 @@ from train.files import write_json_atomic  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loader_dali_vs_torch import bare_train_graph  # noqa: E402  the same graph as the bare loader
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-
 
 def best_ms_per_image(step, images: int, repeats: int) -> float:
     step()  # warm-up (allocations, first-call set-up)
@@ -125,12 +123,21 @@ def torch_costs(encoded: list[np.ndarray], size: int, repeats: int) -> dict[str,
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=SAMPLE, help="a folder of JPEGs (searched recursively)")
+    parser.add_argument(
+        "--data", type=Path, help="a folder of JPEGs, searched recursively (default: the real sample, IMAGENET_SAMPLE)"
+    )
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, help="write the result as JSON")
     args = parser.parse_args(argv)
 
+    if args.data is None:
+        from tests.conftest import imagenet_sample_dir
+
+        try:
+            args.data = imagenet_sample_dir()
+        except FileNotFoundError as error:
+            raise SystemExit(f"error: {error}; or pass --data") from None
     torch.set_num_threads(1)
     files = sorted(p for p in args.data.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg"))
     if not files:

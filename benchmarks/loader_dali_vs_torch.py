@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             files, _ = make_sample_tree(root, args.copies, val_copies=0, link=True)
             images = f"the 102 real ImageNet sample JPEGs x {args.copies} (hard links)"
+        if files < args.batch_size:  # training drops the last partial batch: an epoch would be empty
+            parser.error(f"{files} images, not one batch of {args.batch_size}: more --copies or a smaller --batch-size")
         loaders = {}
         for name in args.loaders.split(","):
             if name.startswith("dali-bare"):

@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="ffcv-bench-") as tmp:
         tmp = Path(tmp)
-        make_sample_tree(tmp / "tree", args.copies, val_copies=0, link=True)
+        files, _ = make_sample_tree(tmp / "tree", args.copies, val_copies=0, link=True)
+        if files < args.batch_size:  # training drops the last partial batch: an epoch would be empty
+            parser.error(f"{files} images, not one batch of {args.batch_size}: more --copies or a smaller --batch-size")
         started = time.perf_counter()
         beton = write_ffcv(tmp / "tree", tmp / "out", args.max_res, args.write_mode, args.workers)
         write_seconds = time.perf_counter() - started

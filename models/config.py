@@ -39,6 +39,13 @@ DEFAULT_DIVNORM_SPECS: dict[str, Any] = {
     # ours before a training BatchNorm: ReLU -> DN -> BN as one function (true | auto: where its Triton kernel
     # runs, CUDA channels-last | false); docs/divnorm-kernel.md
     "fuse_bn": False,
+    # the baselines' own keys (the shared alpha / beta / k above are ken's): lrn at AlexNet's values, gdn
+    "lrn_size": 5,
+    "lrn_alpha": 1e-4,
+    "lrn_beta": 0.75,
+    "lrn_k": 2.0,
+    "gdn_beta_min": 1e-6,
+    "gdn_gamma_init": 0.1,
 }
 
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {

@@ -57,6 +57,26 @@ def test_model_section_matches_the_models_defaults():
     assert defaults()["model"] == models.DEFAULT_MODEL_CONFIG
 
 
+def test_every_divnorm_key_the_factory_reads_is_a_config_key():
+    """Each key a DN type reads (divnorm.factory's defaults) is settable from the command line and reaches the
+    layer: the baselines' lrn_* / gdn_* keys included."""
+    from divnorm.baselines import GDN2d, LocalResponseNorm2d
+    from divnorm.factory import TYPE_DEFAULTS
+    from train.build import build_network
+
+    read = {key for keys in TYPE_DEFAULTS.values() for key in keys}
+    assert sorted(read - set(defaults()["model"]["divnorm_specs"])) == []
+    config = load_config("synthetic", "alexnet", ["model.divnorm_specs.type=lrn", "model.divnorm_specs.lrn_size=3",
+                                                  "model.divnorm_specs.lrn_k=1.5"])  # fmt: skip
+    lrn = [m for m in build_network("synthetic", "alexnet", config).modules() if isinstance(m, LocalResponseNorm2d)]
+    assert lrn and {(m.size, m.k, m.alpha) for m in lrn} == {(3, 1.5, 1e-4)}
+    config = load_config(
+        "synthetic", "alexnet", ["model.divnorm_specs.type=gdn", "model.divnorm_specs.gdn_gamma_init=0.5"]
+    )
+    gdn = [m for m in build_network("synthetic", "alexnet", config).modules() if isinstance(m, GDN2d)]
+    assert gdn and all(torch.allclose(m.gamma_param(m.gamma).diagonal(), torch.tensor(0.5)) for m in gdn)
+
+
 def test_data_section_has_every_shared_key():
     keys = {
         "path", "gpu", "loader", "batch_size", "eval_batch_size", "workers", "subset", "augment", "crop_scale",
