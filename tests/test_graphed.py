@@ -8,6 +8,7 @@ rate read from a device tensor, the same metric sums). The capture itself and it
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -175,8 +176,24 @@ def test_blocker_names_the_reason():
     for change, words in (({"device": cpu}, "CUDA device"), ({"loader": object()}, "--loader gpu"),
                           ({"world_size": 2}, "one process"), ({"amp": "fp16"}, "GradScaler"),
                           ({"compile_mode": "reduce-overhead"}, "reduce-overhead"),
+                          ({"compile_mode": "max-autotune"}, "max-autotune captures CUDA graphs of its own"),
                           ({"record_samples": True}, "record_samples")):  # fmt: skip
         assert words in graphs_blocker(**{**ok, **change})
+    assert graphs_blocker(**{**ok, "compile_mode": "max-autotune-no-cudagraphs"}) is None
+
+
+def test_compile_modes_that_capture_graphs_of_their_own_are_the_blocked_ones():
+    """Which modes bring inductor's own CUDA graphs is torch's (``triton.cudagraphs`` in its mode options), read
+    here from the installed torch, so a torch that changes them fails this test; every mode is a config choice."""
+    import torch._inductor
+
+    from tools.bench.settings import COMPILE_MODES as BENCH_MODES
+    from train.compiled import COMPILE_MODES, CUDAGRAPH_MODES
+    from train.config import CHOICES
+
+    own = tuple(m for m in COMPILE_MODES if torch._inductor.list_mode_options(m).get("triton.cudagraphs"))
+    assert own == CUDAGRAPH_MODES
+    assert COMPILE_MODES == BENCH_MODES == CHOICES["training.compile_mode"]
 
 
 @pytest.mark.slow
@@ -222,9 +239,14 @@ def test_captured_steps_match_eager_steps_on_cuda(compiled, optimizer):
 
 @pytest.mark.gpu
 def test_trainer_uses_cuda_graphs_on_the_resident_loader(tmp_path):
-    argv = ["synthetic", "alexnet", "cg", *SMALL, f"logging.runs_dir={tmp_path}", "--epochs", "2", "--loader", "gpu",
+    """The trainer's default CUDA path (compiled model inside the captured step): 2 steps an epoch, 3 warm-up steps,
+    the capture at step 4, so epoch 3 is replays only, from buffers refilled for the epoch."""
+    argv = ["synthetic", "alexnet", "cg", *SMALL, f"logging.runs_dir={tmp_path}", "--epochs", "3", "--loader", "gpu",
             "--device", "cuda", "training.cuda_graphs=true"]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads((tmp_path / "cg" / "summary.json").read_text())
-    assert summary["test"] is not None and summary["epochs"] == 2
+    assert summary["test"] is not None and summary["epochs"] == 3
     assert summary["cuda_graphs"]["captured"] and summary["cuda_graphs"]["fallback_error"] is None
+    epochs = [json.loads(line)["train"] for line in (tmp_path / "cg" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["samples"] for e in epochs] == [64, 64, 64]  # every replayed step counted
+    assert all(math.isfinite(e["loss"]) for e in epochs) and epochs[2]["loss"] != epochs[1]["loss"]

@@ -33,7 +33,10 @@ from torch import nn
 
 from train.preempt import Preempted
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# the modes whose inductor options capture CUDA graphs of their own (``triton.cudagraphs`` in
+# ``torch._inductor.list_mode_options(mode)``): they cannot sit inside the trainer's whole-step capture
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 DYNAMIC_CHOICES = ("auto", True, False)  # training.compile_dynamic -> torch.compile(dynamic=None | True | False)
 T = TypeVar("T")
 

@@ -59,7 +59,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "training.amp": ("auto", "bf16", "fp16", "off"),
     "training.compile": ("auto", True, False),
     "training.cuda_graphs": ("auto", True, False),
-    "training.compile_mode": ("default", "reduce-overhead", "max-autotune"),
+    "training.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "training.compile_dynamic": ("auto", True, False),  # train.compiled.DYNAMIC_CHOICES
     "training.criterion": ("cross_entropy",),
     "optimizer.name": ("sgd", "adam", "adamw"),

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.compiled import error_line
+from train.compiled import CUDAGRAPH_MODES, error_line
 from train.loop import TrainState, _check_finite, epoch_result, synchronize
 from train.metrics import MetricSums
 from train.preempt import EpochPosition, StepBoundary
@@ -59,8 +59,11 @@ def graphs_blocker(
         return "distributed runs all-reduce gradients outside the step (one process only)"
     if amp == "fp16":
         return "fp16's GradScaler checks for inf on the host every step (use training.amp=bf16)"
-    if compile_mode == "reduce-overhead":
-        return "training.compile_mode=reduce-overhead captures its own graphs (use default or max-autotune)"
+    if compile_mode in CUDAGRAPH_MODES:
+        return (
+            f"training.compile_mode={compile_mode} captures CUDA graphs of its own (use default or "
+            "max-autotune-no-cudagraphs)"
+        )
     if record_samples:
         return "training.record_samples copies every batch to the host"
     return None

@@ -23,7 +23,7 @@ RESIDENT = "resident"
 # --compile values: auto follows the trainer's training.compile=auto (compile on CUDA, eager on the CPU)
 COMPILE_CHOICES = ("auto", "on", "off")
 # --compile-mode values, the trainer's training.compile_mode choices (``default`` = torch.compile's own default)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # train.compiled's
 
 
 def resolve_compile(choice: str, device: str) -> bool:
