@@ -264,6 +264,12 @@ def _tar_source(folder: Path, spec: LoaderSpec) -> TarSource:
                 f"`.venv/bin/wds2idx {shard} {index}`"
             )
         rows, _ = parse_wds_index(index)
+        end = max((max(a + b, c + d) for a, b, c, d in rows), default=0)
+        if end > shard.stat().st_size:
+            raise LoaderError(
+                f"{shard} has {shard.stat().st_size} bytes but its index reaches byte {end}: the shard is truncated "
+                "or from another conversion; re-run tools/convert.py (--verify checks every sample)"
+            )
         table.extend((shard_number, *row) for row in rows)
     entries = np.asarray(table, dtype=np.int64).reshape(-1, 5)
     return TarSource([str(s) for s in shards], entries, str(folder))

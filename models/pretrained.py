@@ -56,6 +56,27 @@ def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
     return dict(checkpoint)
 
 
+def load_weights(net: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``net.load_state_dict(state)``, or one :class:`ModelConfigError` saying how ``source``'s weights differ from
+    the network (missing / unexpected parameters, shapes): the model options differ from those it was saved with."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError:
+        own = net.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+        parts = [
+            f"{len(names)} {what} (e.g. {names[0]})"
+            for names, what in ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape"))
+            if names
+        ]
+        raise ModelConfigError(
+            f"the weights in {source} do not fit this {type(net).__name__}: {', '.join(parts) or 'mismatch'}; "
+            "the model options (model.* overrides, the data set's classes) differ from the ones it was saved with"
+        ) from None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -133,5 +154,5 @@ def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
     else:
         state = read_checkpoint_state(folder / "best.pt")["model"]
     net = build_from_card(card)
-    net.load_state_dict(state)
+    load_weights(net, state, str(folder))
     return net.to(map_location).eval()

@@ -77,6 +77,14 @@ def test_every_divnorm_key_the_factory_reads_is_a_config_key():
     assert gdn and all(torch.allclose(m.gamma_param(m.gamma).diagonal(), torch.tensor(0.5)) for m in gdn)
 
 
+@pytest.mark.parametrize("value", ["[1,0.5]", "[0,0]", "[0.5,2]"])
+def test_crop_scale_must_be_an_ordered_fraction(value):
+    """Every loader samples crops in [low, high]: the torch loader used to take a reversed or zero range silently."""
+    with pytest.raises(ConfigError, match="0 < low <= high"):
+        load_config("imagenet", "alexnet", [f"data.crop_scale={value}"])
+    load_config("imagenet", "alexnet", ["data.crop_scale=[0.35,1]", "data.crop_ratio=[0.75,1.5]"])
+
+
 def test_data_section_has_every_shared_key():
     keys = {
         "path", "gpu", "loader", "batch_size", "eval_batch_size", "workers", "subset", "augment", "crop_scale",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -267,6 +268,13 @@ def test_user_errors_are_one_clear_message(imagenet_tree, dali_shards, tmp_path,
         target = broken / "dali" / ("val/" + name if name.endswith(".tar") else name)
         target.write_bytes(source.read_bytes())
     with pytest.raises(LoaderError, match="missing index .*wds2idx"):
+        build_loader("dali", _spec("imagenet", "val", False, broken))
+    # a truncated shard (its index reaches past its end): one line, not numpy's ValueError at the first batch
+    source = dali_shards / "dali" / "val"
+    shutil.copytree(source.parent, broken / "dali", dirs_exist_ok=True)
+    shard = broken / "dali" / "val" / "shard-00000.tar"
+    shard.write_bytes(shard.read_bytes()[:20000])
+    with pytest.raises(LoaderError, match="shard-00000.tar has 20000 bytes but its index reaches byte"):
         build_loader("dali", _spec("imagenet", "val", False, broken))
     # a file that is not a JPEG: the message names it
     tree = tmp_path / "corrupt"

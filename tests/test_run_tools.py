@@ -273,3 +273,65 @@ def test_hub_builds_every_registry_model(name):
                            trust_repo=True)  # fmt: skip
     assert not list(divnorm_layers(plain))  # default: the registry's nonorm
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.suffix != ".lock"}
+
+
+def test_bad_input_is_one_line_and_leaves_the_run_whole(tmp_path, capsys):
+    """Found by a bad-input audit: each of these used to delete, overwrite or crash. Now each is one line, exit 2,
+    before anything is written: --overwrite with a mistake (data set too small for a batch, a CPU run asking for
+    the Triton kernel), an image size a model cannot take, --resume with other model options or a damaged
+    config.json, an export into the run folder."""
+    root = tmp_path / "runs"
+    assert train(root, "r", "checkpoint.save_last=true", epochs=1) == 0
+    folder = root / "r"
+    before = _files(folder)
+    capsys.readouterr()
+    cases = [
+        (("data.subset=16", "--overwrite"), "no training step"),
+        (("model.divnorm_specs.kernel=triton", "--overwrite"), "kernel=triton needs a CUDA device"),
+        (("model.batchnorm=false", "--resume", "--epochs", "2"), "do not fit this ResNet"),
+    ]
+    for extra, words in cases:
+        assert train(root, "r", "checkpoint.save_last=true", *extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, err
+        assert _files(folder) == before, extra
+    argv = ["synthetic", "alexnet", "tiny", "data.image_size=7", f"logging.runs_dir={root}", "--device", "cpu"]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.image_size=7 is too small for alexnet" in err and "\n" not in err
+    assert not (root / "tiny").exists()
+    assert export_main([str(folder), "--out", str(folder)]) == 2
+    assert "holds a training run" in capsys.readouterr().err and _files(folder) == before
+    damaged = root / "damaged"
+    shutil.copytree(folder, damaged)
+    for text in ("", "[1, 2]"):
+        (damaged / "config.json").write_text(text)
+        assert train(root, "damaged", "--resume") == 2
+        err = capsys.readouterr().err.strip()
+        assert "--resume" in err and "config.json" in err and "\n" not in err
+
+
+def test_resume_inside_an_epoch_refuses_another_batch_layout(tmp_path):
+    """A position inside an epoch is a batch index into that epoch: resuming it with another batch size or subset
+    would skip or repeat samples, so it is refused; the same values resume."""
+    from train.config import ConfigError, load_config
+    from train.run_checkpoint import RunCheckpoints
+
+    saved = load_config("synthetic", "resnet18", ["data.batch_size=32", "data.subset=1024"])
+    position = {"epoch": 0, "batch": 15, "ranks": []}
+    for overrides, refused in ((["data.batch_size=64"], "data.batch_size=32 -> 64"), (["data.subset=128"], "subset")):
+        run = RunCheckpoints.__new__(RunCheckpoints)
+        run.config, run.folder = load_config("synthetic", "resnet18", ["data.subset=1024", *overrides]), tmp_path
+        if "data.batch_size" not in overrides[0]:
+            run.config["data"]["batch_size"] = 32
+        with pytest.raises(ConfigError, match=refused):
+            run._check_epoch_layout({"config": saved}, position)
+    run.config = saved
+    run._check_epoch_layout({"config": saved}, position)

@@ -130,7 +130,12 @@ def _saved_config(folder: Path, dataset: str, model: str) -> dict:
     path = folder / "config.json"
     if not (folder / "last.pt").is_file() or not path.is_file():
         raise ConfigError(f"--resume: no checkpoint at {folder / 'last.pt'}; start the run without --resume")
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--resume: {path} is not readable JSON ({error}); the run cannot be resumed") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {path} holds a {type(saved).__name__}, not a run's config")
     meta = saved.pop("run", {})
     if meta and (meta.get("dataset"), meta.get("model")) != (dataset, model):
         raise ConfigError(

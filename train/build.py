@@ -52,9 +52,35 @@ def network_shape(dataset: str, config: dict[str, Any]) -> dict[str, int]:
     ``models.load_pretrained`` can rebuild the network without knowing the data sets."""
     from loaders.datasets import dataset_info
 
-    info = dataset_info(dataset)
-    image_size = config["data"]["image_size"] or info.image_size
-    return {"num_classes": info.num_classes, "layout": 32 if image_size <= 64 else 224}
+    image_size = input_size(dataset, config)
+    return {"num_classes": dataset_info(dataset).num_classes, "layout": 32 if image_size <= 64 else 224}
+
+
+def input_size(dataset: str, config: dict[str, Any]) -> int:
+    """The side of the training images: ``data.image_size``, or the data set's own."""
+    from loaders.datasets import dataset_info
+
+    return int(config["data"]["image_size"] or dataset_info(dataset).image_size)
+
+
+def check_input_size(net: nn.Module, model: str, image_size: int) -> None:
+    """A :class:`ConfigError` where ``image_size`` is too small for ``model`` (a pooling layer would get less than
+    one pixel), found before anything is written: one forward pass of a CPU copy at batch 1, eval mode (no RNG, no
+    BatchNorm statistics touched). Only the small-input layout (up to 64 px) is probed; it costs ~0.1 s there."""
+    if image_size > 64:
+        return
+    import copy
+
+    probe = copy.deepcopy(net).to("cpu").eval()
+    try:
+        with torch.no_grad():
+            probe(torch.zeros(1, 3, image_size, image_size))
+    except RuntimeError as error:
+        if "too small" in str(error) or "greater than actual input size" in str(error):
+            raise ConfigError(
+                f"data.image_size={image_size} is too small for {model}: {str(error).splitlines()[0]}"
+            ) from None
+        raise
 
 
 def build_network(dataset: str, model: str, config: dict[str, Any]) -> nn.Module:

@@ -73,6 +73,9 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 # Numeric keys with a valid range (low, high), both inclusive, None = unbounded: a value outside is a ConfigError,
 # not a traceback from inside torch (SGD's "Invalid learning rate", cross_entropy's label_smoothing check) or a
 # silent misuse. Every number must also be finite (JSON overrides accept NaN and Infinity).
+# [low, high] ranges of random crops: 0 < low <= high (every loader samples in them)
+ORDERED_PAIRS = ("data.crop_scale", "data.crop_ratio")
+
 RANGES: dict[str, tuple[float | None, float | None]] = {
     "runs": (1, None),
     "data.batch_size": (1, None),
@@ -240,6 +243,11 @@ def _check_range(key: str, value: Any, source: str) -> None:
         # as an integer overflowed inside SGD)
         if isinstance(number, int) and not isinstance(number, bool) and abs(number) >= 2**63:
             raise ConfigError(f"{key}={json.dumps(value)} ({source}) is too large: integers must fit in 64 bits")
+    if key in ORDERED_PAIRS and isinstance(value, list) and len(value) == 2:
+        first, second = value
+        if not 0 < first <= second or (key == "data.crop_scale" and second > 1):
+            upper = " <= 1 (fractions of the image area)" if key == "data.crop_scale" else ""
+            raise ConfigError(f"{key}={json.dumps(value)} ({source}): expected [low, high] with 0 < low <= high{upper}")
     low, high = RANGES.get(key, (None, None))
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return

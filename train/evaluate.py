@@ -98,6 +98,7 @@ def evaluate_run(
     log=print,
 ) -> dict[str, Any]:
     """Evaluate ``folder``'s weights on ``split``; returns (and writes to ``eval-<split>.json``) the result."""
+    from models.pretrained import load_weights
     from train import distributed
     from train.build import build_network, resolve_amp, resolve_device
     from train.checkpoint import unwrap
@@ -130,7 +131,7 @@ def evaluate_run(
     data = build_split_loader(loader_name, with_evaluation_batch(spec, loader_name, config))  # the trainer's batches
 
     net = build_network(run.dataset, run.model, config)
-    net.load_state_dict(state_dict)
+    load_weights(net, state_dict, str(run.folder / info["checkpoint"]))
     memory_format = torch.channels_last if config["training"]["channels_last"] else torch.contiguous_format
     net = net.to(device=torch_device, memory_format=memory_format)
     state = TrainState(unwrap(net), None, None, nn.CrossEntropyLoss(), torch_device, env, amp_dtype)  # type: ignore[arg-type]

@@ -38,20 +38,27 @@ def model_card(run_config: dict[str, Any], meta: dict[str, Any], info: dict[str,
     }
 
 
+def _holds_a_run(folder: Path) -> bool:
+    """True when ``folder`` is a trainer's run folder (a checkpoint, or metrics.jsonl beside config.json)."""
+    return any((folder / name).exists() for name in ("last.pt", "best.pt", "metrics.jsonl"))
+
+
 def export_run(folder: str | Path, out: str | Path, checkpoint: str = "best", log=print) -> Path:
     """Write ``out/model.safetensors`` + ``out/config.json`` from ``folder``'s ``best.pt`` (or ``last.pt``)."""
     try:
         from safetensors.torch import save
     except ImportError:
         raise ConfigError("export needs the safetensors package: pip install safetensors") from None
-    from models.pretrained import CONFIG_FILE, WEIGHTS_FILE, build_from_card
+    from models.pretrained import CONFIG_FILE, WEIGHTS_FILE, build_from_card, load_weights
     from train.files import write_bytes_atomic, write_json_atomic
 
     run = open_run(folder)
     state, info = checkpoint_weights(run, checkpoint)
     card = model_card(run.config, run.meta, info)
-    build_from_card(card).load_state_dict(state)  # the card rebuilds exactly this network (fails here, not later)
+    load_weights(build_from_card(card), state, str(run.folder / info["checkpoint"]))  # the card rebuilds this net
     out = Path(out)
+    if out.resolve() == run.folder.resolve() or _holds_a_run(out):
+        raise ConfigError(f"--out {out} holds a training run (its config.json would be replaced); export elsewhere")
     tensors = {name: tensor.contiguous() for name, tensor in state.items()}
     write_bytes_atomic(out / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
     write_json_atomic(out / CONFIG_FILE, card)

@@ -35,7 +35,16 @@ from torch import nn
 
 from train import checkpoint as ckpt
 from train import distributed
-from train.build import amp_name, build_network, network_shape, resolve_amp, resolve_device, split_cpu_threads
+from train.build import (
+    amp_name,
+    build_network,
+    check_input_size,
+    input_size,
+    network_shape,
+    resolve_amp,
+    resolve_device,
+    split_cpu_threads,
+)
 from train.compiled import CompileGuard, resolve_compile
 from train.config import ConfigError
 from train.data import build_split_loader, loader_spec, resolve_loader_name, with_evaluation_batch
@@ -160,17 +169,28 @@ class Run(RunCheckpoints):
         """
         request, env, device, config, training = self.request, self.env, self.device, self.config, self.training
         last_path = self.folder / "last.pt"
+        # what --overwrite removes goes in begin(), once the data, the network and the device have been checked
         wants_resume = _check_folder(request, self.folder, last_path) if env.is_main else None
+        self.clear_folder = env.is_main and not request.resume and request.overwrite
         checkpoint = ckpt.load(last_path) if distributed.broadcast_object(wants_resume is not None, env) else None
 
         self.loader_name = resolve_loader_name(config, request.dataset, self.say)
         self.amp_dtype = resolve_amp(training["amp"], device)
         self.train_loader, self.val_loader = self.make_loader("train", True), self.make_loader("val", False)
+        if len(self.train_loader) == 0:
+            data = config["data"]
+            raise ConfigError(
+                f"no training step: {request.dataset}'s training split (data.subset={data['subset']}) holds fewer "
+                f"images per process than data.batch_size={data['batch_size']} (the last partial batch is dropped); "
+                "lower data.batch_size or use more data"
+            )
         # data.loader_priority (train/streams.py): after the loader choice, which --loader auto may have tuned
         self.stream = training_stream(device, config["data"]["loader_priority"])
 
         torch.manual_seed(int(config["seed"]))
         net = build_network(request.dataset, request.model, config)
+        _check_kernel(config, device)
+        check_input_size(net, request.model, input_size(request.dataset, config))
         memory_format = torch.channels_last if training["channels_last"] else torch.contiguous_format
         self.net = net = net.to(device=device, memory_format=memory_format)
         if env.enabled:  # same init on every rank (seed above), then per-rank streams (dropout differs across ranks)
@@ -281,6 +301,8 @@ class Run(RunCheckpoints):
     def begin(self) -> None:
         """Write config.json (and conv1.pt's initial filters), open metrics.jsonl, print the run's line."""
         request, training = self.request, self.training
+        if self.clear_folder:
+            _clear_folder(self.folder)
         self.metrics_log = MetricsLog(self.folder / "metrics.jsonl", enabled=self.env.is_main)
         if self.env.is_main:
             self.metrics_log.truncate_after(self.book["epoch"])
@@ -432,17 +454,35 @@ def _check_folder(request: RunRequest, folder: Path, last_path: Path) -> bool | 
         if not last_path.is_file():
             raise ConfigError(f"--resume: no checkpoint at {last_path}; start the run without --resume")
         return True
-    if folder.exists() and any(folder.iterdir()):
-        if not request.overwrite:
-            raise ConfigError(
-                f"run folder {folder} already exists; pass --resume to continue it, --overwrite to start again, "
-                "or choose another experiment name"
-            )
-        for name in RUN_FILES:
-            (folder / name).unlink(missing_ok=True)
-        for path in [*folder.glob(EVENT_FILE_GLOB), *folder.glob("eval-*.json")]:  # old TensorBoard / evaluate
-            path.unlink()
+    if folder.exists() and any(folder.iterdir()) and not request.overwrite:
+        raise ConfigError(
+            f"run folder {folder} already exists; pass --resume to continue it, --overwrite to start again, "
+            "or choose another experiment name"
+        )
     return None
+
+
+def _clear_folder(folder: Path) -> None:
+    """--overwrite: the earlier run's files go (once the new run has passed its checks: a mistyped option or a
+    missing data set leaves the old run whole)."""
+    for name in RUN_FILES:
+        (folder / name).unlink(missing_ok=True)
+    for path in [*folder.glob(EVENT_FILE_GLOB), *folder.glob("eval-*.json")]:  # old TensorBoard / evaluate
+        path.unlink()
+
+
+def _check_kernel(config: dict[str, Any], device: torch.device) -> None:
+    """divnorm_specs.kernel=triton needs CUDA (or Triton's CPU interpreter): one line before anything is written."""
+    specs = config["model"]["divnorm_specs"]
+    if specs.get("kernel") != "triton" or specs.get("type") != "ours" or device.type == "cuda":
+        return
+    from divnorm.triton_ours import interpreter_enabled
+
+    if not interpreter_enabled():
+        raise ConfigError(
+            f"model.divnorm_specs.kernel=triton needs a CUDA device (this run is on {device.type}); use kernel=auto "
+            "or torch, or set TRITON_INTERPRET=1 for Triton's (slow) CPU interpreter"
+        )
 
 
 def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:

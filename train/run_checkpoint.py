@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from models.config import ModelConfigError
+from models.pretrained import load_weights
 from train import checkpoint as ckpt
 from train import distributed
 from train.config import ConfigError
@@ -33,7 +35,10 @@ class RunCheckpoints:
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from ``last.pt``: weights, optimizer, scaler, schedule, step, bookkeeping, RNG streams."""
         state, env = self.state, self.env
-        self.net.load_state_dict(checkpoint["model"])
+        try:
+            load_weights(self.net, checkpoint["model"], str(self.folder / "last.pt"))
+        except ModelConfigError as error:
+            raise ConfigError(f"--resume: {error}") from None
         state.optimizer.load_state_dict(checkpoint["optimizer"])
         if state.scaler is not None and checkpoint.get("scaler"):
             state.scaler.load_state_dict(checkpoint["scaler"])
@@ -45,6 +50,8 @@ class RunCheckpoints:
         self.book.update(checkpoint["book"])
         self.conv1 = dict(checkpoint.get("conv1", self.conv1))
         ranks, position = len(checkpoint["rng"]), checkpoint.get("position")
+        if position is not None:
+            self._check_epoch_layout(checkpoint, position)
         if ranks == env.world_size:  # same number of ranks: continue every stream exactly
             ckpt.set_rng_state(checkpoint["rng"][env.rank])
             self.train_loader.load_state_dict((checkpoint.get("loaders") or [{}] * ranks)[env.rank])
@@ -61,6 +68,20 @@ class RunCheckpoints:
             self.boundary.resume = EpochPosition(**position["ranks"][env.rank])
             where = f"epoch {position['epoch'] + 1} batch {position['batch']}/{len(self.train_loader)}"
         self.say(f"resumed {self.folder / 'last.pt'} at {where} (step {state.global_step})")
+
+    def _check_epoch_layout(self, checkpoint: dict[str, Any], position: dict[str, Any]) -> None:
+        """A position inside an epoch is a batch index into that epoch's order: a resume that changes what makes
+        the batches (their size, the subset, the data set's size) would skip or repeat samples, so it is refused."""
+        saved = (checkpoint.get("config") or {}).get("data") or {}
+        keys = ("batch_size", "subset", "synthetic_size")
+        changed = [f"data.{k}={saved[k]!r} -> {self.config['data'][k]!r}" for k in keys
+                   if k in saved and saved[k] != self.config["data"][k]]  # fmt: skip
+        if changed:
+            raise ConfigError(
+                f"--resume: {self.folder / 'last.pt'} was saved inside epoch {position['epoch'] + 1} (batch "
+                f"{position['batch']}); resuming with {', '.join(changed)} would skip or repeat samples: resume with "
+                "the saved values"
+            )
 
     def save(
         self,
