@@ -46,10 +46,15 @@ def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as error:  # torch raises UnpicklingError (or RuntimeError) for non-tensor objects
         # torch's message is a page long; keep the part naming what was refused ("Unsupported global: ...")
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        reason = f"it holds {found.group(1)}" if found else f"{type(error).__name__}"
+        if found is None:  # not a refusal: the file itself is damaged (truncated, not a torch file)
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(
+                f"{path} is not a readable checkpoint ({type(error).__name__}: {first[:160]}): truncated or "
+                "damaged; use the other checkpoint (--checkpoint best|last)"
+            ) from None
         raise ValueError(
-            f"{path} cannot be read with torch.load(weights_only=True) ({reason}, not only tensors and plain "
-            "containers); use best.pt (--checkpoint best)"
+            f"{path} cannot be read with torch.load(weights_only=True) (it holds {found.group(1)}, not only tensors "
+            "and plain containers); use best.pt (--checkpoint best)"
         ) from None
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("model"), Mapping):
         raise ValueError(f"{path} is not a trainer checkpoint (no 'model' state dict)")

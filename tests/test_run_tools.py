@@ -204,6 +204,10 @@ def test_last_checkpoint_with_numpy_state_is_one_line(run, tmp_path, capsys):
     assert evaluate_main([str(folder), "--checkpoint", "last", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert "weights_only=True" in err and "numpy" in err and "\n" not in err
+    (folder / "last.pt").write_bytes((run / "best.pt").read_bytes()[:4096])  # truncated: damaged, not refused
+    assert evaluate_main([str(folder), "--checkpoint", "last", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a readable checkpoint" in err and "truncated" in err and "\n" not in err
 
 
 # ------------------------------------------------------------------------------------------- export and hub

@@ -93,7 +93,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.progressive_end_res": (1, None),
     "data.progressive_start_epoch": (0, None),
     "data.progressive_end_epoch": (0, None),
-    "training.epochs": (0, None),
+    "training.epochs": (1, None),  # 0 trained nothing and reported nan (train.evaluate evaluates)
     "training.patience": (0, None),
     "training.label_smoothing": (0, 1),
     "training.grad_clip": (0, None),
