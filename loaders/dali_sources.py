@@ -284,8 +284,14 @@ def _webdataset_source(converted: Path, spec: LoaderSpec) -> TarSource:
     if manifest.get("dataset") not in (None, spec.dataset):
         held = manifest.get("dataset")
         raise LoaderError(f"{converted} holds {held!r}, not {spec.dataset!r}; pass the data dir of {spec.dataset}")
+    counts = manifest.get("counts")
+    if isinstance(counts, dict) and folder.name not in counts:  # being converted now, or left by another run
+        raise LoaderError(
+            f"{folder} is not listed in {converted}/manifest.json (it lists {sorted(counts)}): its conversion did "
+            f"not finish; rerun tools/convert.py {spec.dataset} with --split {folder.name}"
+        )
     source = _tar_source(folder, spec)
-    expected = manifest.get("counts", {}).get(folder.name)
+    expected = (counts or {}).get(folder.name)
     if expected is not None and int(expected) != len(source):
         raise LoaderError(
             f"{folder} holds {len(source)} samples but its manifest says {expected}: the conversion was "

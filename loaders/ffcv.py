@@ -110,6 +110,12 @@ def converted_beton(spec: LoaderSpec) -> Path | None:
                 f"{beton} is missing (the conversion in {folder} has {sorted(manifest.get('counts', {}))}); "
                 f"rerun tools/convert.py {spec.dataset} with split {file_split}"
             )
+        counts = manifest.get("counts")
+        if isinstance(counts, dict) and file_split not in counts:  # being converted now, or left by another run
+            raise LoaderError(
+                f"{beton} is not listed in {folder}/manifest.json (it lists {sorted(counts)}): its conversion did "
+                f"not finish; rerun tools/convert.py {spec.dataset} with --split {file_split}"
+            )
         expected = {f["path"]: f.get("bytes") for f in manifest.get("files", [])}.get(beton.name)
         if expected is not None and beton.stat().st_size != expected:
             raise LoaderError(

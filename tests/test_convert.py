@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import torch
 from PIL import Image, ImageOps
 
 from loaders.ffcv_import import import_ffcv
-from tests.conftest import REPO, build_imagefolder, imagenet_sample_rows
+from tests.conftest import REPO, build_imagefolder, imagenet_sample_dir, imagenet_sample_rows
 from tools._convert.images import FFCV_MIN_SIDE, BadImage, decode, fit_within, jpeg_frame
 
 MAX_RES = 256
@@ -483,3 +484,126 @@ def test_empty_class_folder_keeps_indices_and_says_so(tmp_path):
     assert sources[0].labels == [0, 2] and [c["wnid"] for c in classes] == ["n001", "n002", "n003"]
     assert classes[2]["name"] == "third" and classes[1]["name"] == "n002"
     assert any("n002" in note and "no images" in note for note in sources[0].notes)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--max-res", "-5"), ("--compress-prob", "1.5"), ("--compress-prob", "nan"), ("--jpeg-quality", "0"),
+     ("--jpeg-quality", "101"), ("--workers", "0"), ("--shard-size", "0"), ("--subset", "0"),
+     ("--stall-timeout", "-1")],
+)  # fmt: skip
+def test_numeric_options_out_of_range_are_refused(tree, tmp_path, capsys, option, value):
+    """A value out of range is a one-line user error before anything is written (``--max-res -5`` used to write
+    every image as 1x1 and exit 0)."""
+    from tools.convert import main
+
+    out = tmp_path / "out"
+    args = ["imagenet", "--src", str(tree[0]), "--out", str(out), "--split", "train", "--format", "dali"]
+    assert main([*args, option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {option} must be") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def _small_source(root: Path, splits=("train",)) -> Path:
+    """``root/<split>/<wnid>/`` holding 3 real sample JPEGs, one per class."""
+    rows = imagenet_sample_rows()[:3]
+    for split in splits:
+        for row in rows:
+            (root / split / row["wnid"]).mkdir(parents=True, exist_ok=True)
+            (root / split / row["wnid"] / row["file"]).write_bytes((imagenet_sample_dir() / row["file"]).read_bytes())
+    return root
+
+
+def test_out_and_source_may_not_overlap(tmp_path, capsys):
+    """An ``--out`` inside the source tree used to become a 103rd class (its files listed as skipped images); a
+    source inside ``--out``, the same folder, or a link into the tree are refused too, naming both folders."""
+    from tools.convert import main
+
+    src = _small_source(tmp_path / "src")
+    (tmp_path / "link").symlink_to(src / "train")
+    outer = tmp_path / "outer"
+    nested = _small_source(outer / "data")
+    cases = [
+        (src, src / "train" / "zconv", "is inside --src"),
+        (src, tmp_path / "link" / "zconv", "is inside --src"),
+        (src, src, "is the --src folder"),
+        (nested, outer, "is inside --out"),
+    ]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for source, out, says in cases:
+        assert main(["imagenet", "--src", str(source), "--out", str(out), "--format", "dali", "--workers", "1"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and str(source) in err and str(out) in err and err.count("\n") == 1, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written anywhere
+    # beside the tree is fine, and the same folder name elsewhere is not mistaken for it
+    assert main(["imagenet", "--src", str(src), "--out", str(tmp_path / "src-conv"), "--format", "dali",
+                 "--split", "train", "--workers", "1"]) == 0  # fmt: skip
+    manifest = json.loads((tmp_path / "src-conv" / "dali" / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": 3} and manifest["skipped"] == [] and len(manifest["classes"]) == 3
+
+
+def test_out_that_is_a_file_is_a_user_error(tmp_path, capsys):
+    from tools.convert import main
+
+    src = _small_source(tmp_path / "src")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    for out, says in ((afile, f"--out {afile} is a file, not a folder"), (afile / "sub", f"{afile} is a file")):
+        assert main(["imagenet", "--src", str(src), "--out", str(out), "--format", "dali", "--workers", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and "Errno" not in err and err.count("\n") == 1, err
+        assert main(["imagenet", "--out", str(out), "--verify-only"]) == 2
+        assert says in capsys.readouterr().err
+    assert afile.read_text() == "keep me\n"
+
+
+@pytest.mark.timeout(300)
+def test_splits_converted_one_at_a_time_share_one_manifest(imagenet_tree, tmp_path, capsys, monkeypatch):
+    """``--split train`` then ``--split val`` (both formats) leave the manifest one run of both splits writes, so
+    ``--verify-only`` checks train too; different settings for the second split are refused, changing nothing;
+    the loaders refuse a split folder the manifest does not list."""
+    from loaders.base import LoaderSpec
+    from loaders.dali_sources import open_source
+    from loaders.errors import LoaderError
+    from loaders.ffcv import converted_beton
+    from tools._convert.pool import FAULT_ENV
+    from tools.convert import main
+
+    common = ["--src", str(imagenet_tree), "--format", "both", "--max-res", "64", "--subset", "12", "--workers", "2"]
+    whole, apart = tmp_path / "whole", tmp_path / "apart"
+    assert main(["imagenet", "--out", str(whole), *common]) == 0
+    assert main(["imagenet", "--out", str(apart), *common, "--split", "train"]) == 0
+    # a split folder outside the manifest (a conversion still running, or killed) is not read
+    shutil.copytree(apart / "dali" / "train", apart / "dali" / "val")
+    shutil.copyfile(apart / "ffcv" / "train.beton", apart / "ffcv" / "val.beton")
+    spec = LoaderSpec("imagenet", "val", batch_size=4, train=False, data_dir=str(apart), workers=1)
+    for read in (open_source, converted_beton):
+        with pytest.raises(LoaderError, match="not listed in"):
+            read(spec)
+    shutil.rmtree(apart / "dali" / "val")
+    (apart / "ffcv" / "val.beton").unlink()
+    # a val run that fails part-way keeps train listed as it was (the manifest then lists the finished splits)
+    train_only = {fmt: (apart / fmt / "manifest.json").read_bytes() for fmt in ("dali", "ffcv")}
+    monkeypatch.setenv(FAULT_ENV, "raise:3")
+    assert main(["imagenet", "--out", str(apart), *common, "--split", "val"]) == 2
+    assert "planted fault" in capsys.readouterr().err
+    assert {fmt: (apart / fmt / "manifest.json").read_bytes() for fmt in ("dali", "ffcv")} == train_only
+    monkeypatch.delenv(FAULT_ENV)
+    assert main(["imagenet", "--out", str(apart), *common, "--split", "val"]) == 0
+    capsys.readouterr()
+    for fmt in ("dali", "ffcv"):
+        got, want = (json.loads((root / fmt / "manifest.json").read_text()) for root in (apart, whole))
+        assert got["counts"] == {"train": 12, "val": 12} and got == want
+    # another --max-res for val alone would leave train unlisted (or listed with the wrong settings): refused
+    kept = {fmt: (apart / fmt / "manifest.json").read_bytes() for fmt in ("dali", "ffcv")}
+    assert main(["imagenet", "--out", str(apart), *common, "--split", "val", "--max-res", "96"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds split(s) train" in err and "max_res 64 -> 96" in err and err.count("\n") == 1, err
+    assert {fmt: (apart / fmt / "manifest.json").read_bytes() for fmt in ("dali", "ffcv")} == kept
+    # --verify-only now reads train too: a truncated train shard fails it
+    shard = apart / "dali" / "train" / "shard-00000.tar"
+    os.truncate(shard, shard.stat().st_size // 2)
+    assert main(["imagenet", "--out", str(apart), "--format", "dali", "--verify-only", "--workers", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "verify: FAIL" in out and "train/shard-00000.tar" in out, out

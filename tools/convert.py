@@ -7,9 +7,10 @@
 
 Output layout (what ``loaders/`` reads): ``OUT/ffcv/<split>.beton`` and ``OUT/dali/<split>/shard-NNNNN.tar`` +
 ``.idx`` (ImageNet) or ``OUT/dali/<split>/images.npy`` + ``labels.npy`` (CIFAR-100, synthetic), one
-``manifest.json`` per format folder, written last; ``OUT/.lock`` keeps a second conversion into ``OUT`` out (it
-stops at once, naming the first one's pid). Every file appears under a ``.tmp`` name first; rerunning the
-same command after an interruption keeps every finished shard whose checksum still matches and writes the rest.
+``manifest.json`` per format folder, written last (runs of one split each add theirs to it: see
+docs/convert.md); ``OUT/.lock`` keeps a second conversion into ``OUT`` out (it stops at once, naming the first
+one's pid). Every file appears under a ``.tmp`` name first; rerunning the same command after an interruption keeps
+every finished shard whose checksum still matches and writes the rest.
 See ``tools/_convert/`` for the parts: image rules in ``images.py``, shard format in ``dali_writer.py``, the
 watched FFCV writer in ``ffcv_writer.py``.
 """
@@ -30,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from tqdm import tqdm
 
+from loaders.datasets import SPLITS
 from tools._convert import TOOL_VERSION, files
 from tools._convert.dali_writer import SplitResult, write_array_split, write_webdataset_split
 from tools._convert.ffcv_writer import current_record, import_writer, result_from_record, write_ffcv_split
@@ -48,7 +50,7 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"bad size {text!r}; examples: 1GiB, 256MiB, 500kB, 1000000")
-    return max(1, int(float(match.group(1)) * _UNITS[match.group(2).lower()]))
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])  # 0: check_options says so
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +79,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stall-timeout", type=float, default=120.0,
                         help="--verify: stop FFCV's reader after this many seconds without progress (120)")  # fmt: skip
     return parser
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """ConvertError (one line) naming every numeric option out of its range."""
+    problems = []
+    if args.workers < 1:
+        problems.append(f"--workers must be >= 1 (got {args.workers})")
+    if args.subset is not None and args.subset < 1:
+        problems.append(f"--subset must be >= 1 (got {args.subset})")
+    if args.max_res is not None and args.max_res < 0:
+        problems.append(f"--max-res must be >= 0 (0: never shrink; got {args.max_res})")
+    if not 1 <= args.jpeg_quality <= 100:
+        problems.append(f"--jpeg-quality must be within 1..100 (got {args.jpeg_quality})")
+    if not 0 <= args.compress_prob <= 1:  # NaN fails this too
+        problems.append(f"--compress-prob must be within 0..1 (got {args.compress_prob})")
+    if args.shard_size < 1:
+        problems.append(f"--shard-size must be > 0 (got {args.shard_size})")
+    if not args.stall_timeout > 0:
+        problems.append(f"--stall-timeout must be > 0 seconds (got {args.stall_timeout})")
+    if problems:
+        raise ConvertError("; ".join(problems))
+
+
+def check_out_is_folder(out: Path) -> None:
+    """ConvertError when ``--out`` (or the first of its parents that exists) is not a folder."""
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--out {out} is a file, not a folder; pass a folder (it is created when missing)")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConvertError(f"--out {out}: {parent} is a file, not a folder")
+            return
+
+
+def check_source_and_out(args: argparse.Namespace) -> None:
+    """ConvertError when an ImageNet ``--src`` tree and ``--out`` overlap: the scan would read the output (its
+    folders as classes, its files as images) and a later run would read it again."""
+    if args.dataset != "imagenet" or args.src is None:
+        return
+    src, out = args.src.resolve(), args.out.resolve()
+    if out == src:
+        raise ConvertError(f"--out {args.out} is the --src folder {args.src}: pass an --out outside the source tree")
+    if src in out.parents:
+        raise ConvertError(f"--out {args.out} is inside --src {args.src}: pass an --out outside the source tree")
+    if out in src.parents:
+        raise ConvertError(f"--src {args.src} is inside --out {args.out}: pass an --out outside the source tree")
 
 
 def _bar(total: int, desc: str, initial: int = 0) -> tqdm:
@@ -183,6 +231,75 @@ def manifest(args, fmt: str, sources: list[SplitSource], results: list[SplitResu
     return value
 
 
+# Splits converted by separate runs (--split train, then --split val) share one manifest per format folder: a run
+# keeps the earlier runs' splits it does not rewrite when they were made with the same tool version, data set,
+# source, settings and class map, and refuses to run otherwise (a rewrite would leave their files unlisted).
+_SAME_KEYS = ("tool_version", "dataset", "format", "layout", "source", "classes")
+
+
+def _file_split(path: str) -> str:
+    """The split of a manifest ``files`` entry (``train/shard-00000.tar``, ``val/images.npy``, ``val.beton``)."""
+    return path.split("/")[0].removesuffix(".beton")
+
+
+def _identity(value: dict) -> dict:
+    settings = {k: v for k, v in (value.get("settings") or {}).items() if k != "splits"}
+    return {**{k: value.get(k) for k in _SAME_KEYS}, "settings": settings}
+
+
+def restrict_manifest(value: dict, splits: list[str]) -> dict:
+    """``value`` listing only ``splits`` (counts, per-class counts, files, skipped files, re-encoded counts)."""
+    value = dict(value)
+    value["settings"] = {**value["settings"], "splits": [s for s in SPLITS if s in splits]}
+    for key in ("counts", "per_class", "reencoded"):
+        if key in value:
+            value[key] = {s: v for s, v in value[key].items() if s in splits}
+    value["files"] = [f for f in value["files"] if _file_split(f["path"]) in splits]
+    value["skipped"] = [e for e in value["skipped"] if e.get("split") in splits]
+    return value
+
+
+def merge_manifests(new: dict, earlier: dict | None) -> dict:
+    """``new`` plus the splits of ``earlier`` (already restricted to splits ``new`` lacks), in split order: equal to
+    the manifest of one run converting all of them."""
+    if not earlier or not earlier["counts"]:
+        return new
+    splits = [s for s in SPLITS if s in new["counts"] or s in earlier["counts"]]
+    merged = {**new, "settings": {**new["settings"], "splits": splits}}
+    for key in ("counts", "per_class", "reencoded"):
+        if key in new:
+            both = {**earlier.get(key, {}), **new[key]}
+            merged[key] = {s: both[s] for s in splits if s in both}
+    merged["files"] = sorted(new["files"] + earlier["files"], key=lambda f: f["path"])
+    merged["skipped"] = sorted(new["skipped"] + earlier["skipped"], key=lambda e: splits.index(e["split"]))
+    return merged
+
+
+def earlier_manifest(args: argparse.Namespace, fmt: str, sources: list[SplitSource], classes) -> dict | None:
+    """The existing manifest of ``fmt`` cut to the splits this run does not write (None: there are none), or a
+    ConvertError when those splits were converted differently (they would end up unlisted)."""
+    folder = args.out / fmt
+    old = files.read_json(folder / "manifest.json")
+    if not isinstance(old, dict) or not isinstance(old.get("counts"), dict):
+        return None
+    others = [s for s in old["counts"] if s not in {source.split for source in sources}]
+    if not others:
+        return None
+    want, held = _identity(manifest(args, fmt, sources, [SplitResult() for _ in sources], classes)), _identity(old)
+    if held != want:
+        diffs = [k for k in _SAME_KEYS if held[k] != want[k] and k != "classes"]
+        diffs += [f"{k} {held['settings'].get(k)!r} -> {want['settings'].get(k)!r}"
+                  for k in sorted(set(held["settings"]) | set(want["settings"]))
+                  if held["settings"].get(k) != want["settings"].get(k)]  # fmt: skip
+        diffs += ["the class list"] if held["classes"] != want["classes"] else []
+        raise ConvertError(
+            f"{folder} already holds split(s) {', '.join(sorted(others))} converted with other settings or source "
+            f"({'; '.join(diffs)}); convert every split with these settings (--split all), rerun with the earlier "
+            "ones, or write to another --out"
+        )
+    return restrict_manifest(old, others)
+
+
 def verify(out: Path, formats: list[str], workers: int, stall_timeout: float) -> int:
     """Print the one-line verdict; 0 when every check passed."""
     problems, summaries = [], []
@@ -200,6 +317,8 @@ def verify(out: Path, formats: list[str], workers: int, stall_timeout: float) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    check_options(args)
+    check_out_is_folder(args.out)
     if args.verify_only:
         if args.format:
             formats = ["ffcv", "dali"] if args.format == "both" else [args.format]
@@ -211,8 +330,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConvertError(f"no manifest.json under {args.out}: nothing converted there yet (drop --verify-only)")
         return verify(args.out, formats, args.workers, args.stall_timeout)
     formats = ["ffcv", "dali"] if args.format in (None, "both") else [args.format]
-    if args.workers < 1 or (args.subset is not None and args.subset < 1) or not 1 <= args.jpeg_quality <= 100:
-        raise ConvertError("--workers and --subset must be >= 1 and --jpeg-quality within 1..100")
+    check_source_and_out(args)
     # one writer per --out: a second conversion (a resubmitted job) would overwrite this one's .tmp files
     with exclusive_lock(args.out, f"conversion into {args.out}"):
         return _convert(args, formats)
@@ -230,15 +348,19 @@ def _convert(args: argparse.Namespace, formats: list[str]) -> int:
     for source in sources:
         for note in source.notes:
             print(f"note: {note}", file=sys.stderr)
-    for fmt in formats:  # no stale manifest may describe files this run is about to rewrite
+    earlier = {fmt: earlier_manifest(args, fmt, sources, classes) for fmt in formats}  # may refuse: before writing
+    for fmt in formats:  # no manifest may describe files this run is about to rewrite: it keeps only other splits
         (args.out / fmt).mkdir(parents=True, exist_ok=True)
-        files.remove_quietly(args.out / fmt / "manifest.json")
+        if earlier[fmt]:
+            files.write_json_atomic(args.out / fmt / "manifest.json", earlier[fmt])
+        else:
+            files.remove_quietly(args.out / fmt / "manifest.json")
     per_format: dict[str, list[SplitResult]] = {fmt: [] for fmt in formats}
     for source in sources:
         for fmt, result in convert_split(source, args, formats).items():
             per_format[fmt].append(result)
     for fmt in formats:
-        value = manifest(args, fmt, sources, per_format[fmt], classes)
+        value = merge_manifests(manifest(args, fmt, sources, per_format[fmt], classes), earlier[fmt])
         files.write_json_atomic(args.out / fmt / "manifest.json", value)
     seconds = time.monotonic() - started
     total = sum(len(s) for s in sources)
