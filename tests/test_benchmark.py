@@ -187,16 +187,58 @@ def test_ctrl_c_writes_what_was_measured(tmp_path):
         (["--variant", "dali_decod=cpu"], "--option / --variant key(s) dali_decod are not data keys"),
         (["--option", "colour=1"], "--option / --variant key(s) colour are not data keys"),
         (["--loaders", "torch", "--variant", "dali:dali_decode=cpu"], "--variant names loader(s) dali that --loaders"),
+        # values are checked as the trainer checks data.KEY=VALUE (type, choices, range), naming the item
+        (["--option", "dali_decode=bogus"], "data.dali_decode='bogus' (--option dali_decode=bogus) is not valid; "
+         "choose one of: auto, mixed, cpu"),
+        (["--option", "prefetch=abc"], "data.prefetch=\"abc\" (--option prefetch=abc) has the wrong type: expected an "
+         "integer"),
+        (["--variant", "gpu:hw_decoder_load=5"], "data.hw_decoder_load=5.0 (--variant hw_decoder_load=5) is out of "
+         "range"),
+        (["--variant", "loader_priority=low,prefetch=0"], "data.prefetch=0 (--variant prefetch=0) is out of range"),
+        # keys the benchmark sets per setting: the flag to use instead
+        (["--option", "batch_size=7", "--option", "workers=abc"], "cannot set batch_size, workers; the benchmark sets "
+         "them per setting (batch_size: use --batch-sizes, workers: use --workers)"),
+        (["--variant", "gpu:workers=-1"], "cannot set workers; the benchmark sets them per setting (workers: use "
+         "--workers)"),
+        (["--option", "dali_device=gpu"], "(dali_device: use --dali-devices)"),
     ],
-)
-def test_bad_input_is_one_clear_message(tmp_path, args, message):
+)  # fmt: skip
+def test_bad_input_is_one_clear_message(tmp_path, capsys, args, message):
     from tools import benchmark
 
-    argv = ["--dataset", "synthetic", "--out", str(tmp_path), *args]
-    with pytest.raises(SystemExit) as raised:
-        benchmark.main(argv)
-    assert message in str(raised.value)
-    assert not (tmp_path / "results.json").exists()
+    argv = ["--dataset", "synthetic", "--out", str(tmp_path / "b"), "--tune", *args]
+    assert benchmark.main(argv) == 2  # as the trainer and the other tools: 2 = bad input
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("benchmark: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "b").exists()  # nothing measured, no results.json, no tuned.json
+
+
+@pytest.mark.parametrize(("item", "shown"), [("=1", "'=1' has no key"), ("dali:=cpu", "'=cpu' has no key")])
+def test_empty_option_key_names_the_item(capsys, item, shown):
+    from tools import benchmark
+
+    with pytest.raises(SystemExit) as raised:  # argparse: usage line + the message, exit 2
+        benchmark.main(["--dataset", "synthetic", "--list", "--variant", item])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert shown in err and item in err and "are not data keys" not in err
+
+
+def test_checked_options_reach_the_settings_typed(capsys):
+    """The values a setting runs with (and a tuned file keeps) are the trainer's: JSON-parsed, the key's type."""
+    from tools import benchmark
+
+    argv = ["--dataset", "synthetic", "--list", "--devices", "cpu", "--loaders", "gpu", "--batch-sizes", "4",
+            "--mode", "loader", "--option", "prefetch=3",
+            "--variant", "gpu:hw_decoder_load=1,dali_decode=cpu"]  # fmt: skip
+    assert benchmark.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[-1] for line in lines] == ["prefetch=3", "dali_decode=cpu"], lines
+    assert "hw_decoder_load=1.0" in lines[1]  # a float key: 1 becomes 1.0, as in the trainer's config
+    args = benchmark.parse_args(argv)
+    benchmark.check_data_options(args)
+    assert args.option == [("prefetch", 3)]
+    assert args.variant == [("gpu", {"hw_decoder_load": 1.0, "dali_decode": "cpu"})]
 
 
 def _record(loader, mode, ips, batch=64, model="resnet18", workers=2):
@@ -398,6 +440,7 @@ def test_variants_add_settings_per_loader_and_tune_keeps_the_winners_keys(tmp_pa
 
     parsed = benchmark.parse_args(["--dataset", "synthetic", "--variant", "loader_priority=low",
                                    "--variant", "dali:dali_decode=cpu,dali_threads=15 prefetch=3"])  # fmt: skip
+    benchmark.check_data_options(parsed)  # parse_args splits key=value; the values are parsed and checked here
     assert parsed.variant == [(None, {"loader_priority": "low"}),
                               ("dali", {"dali_decode": "cpu", "dali_threads": 15, "prefetch": 3})]  # fmt: skip
     settings = build_matrix(

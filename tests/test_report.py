@@ -234,3 +234,71 @@ def test_no_groups_when_no_seed_repeats(two_runs):
     _root, out = two_runs
     assert "groups" not in json.loads((out / "report.json").read_text())
     assert "Results by group" not in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- what is compared
+
+
+def _copy_run(source, folder, files=("config.json", "metrics.jsonl")):
+    folder.mkdir()
+    for name in files:
+        shutil.copy(source / name, folder / name)
+    return folder
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("content", "why"), [("[]", "a JSON list, not an object"), ('{"stopped": "compl', "not valid JSON")]
+)
+def test_damaged_summary_is_a_note(two_runs, tmp_path, content, why):
+    """A finished run whose summary.json is there but unreadable: a note naming the file, not a crash (``[]`` was an
+    AttributeError) and not "running" (a truncated file read as no file)."""
+    root, _out = two_runs
+    run = _copy_run(root / "ours", tmp_path / "damaged")
+    (run / "summary.json").write_text(content)
+    out = tmp_path / "rep"
+    assert report_main([str(run), "--out", str(out), "--batch", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    (row,) = report["runs"]
+    assert row["status"] == "summary damaged" and row["val"] is not None  # the best epoch of metrics.jsonl
+    (note,) = [n for n in report["notes"]["ours"] if "damaged" in n]
+    assert str(run / "summary.json") in note and why in note
+    md = (out / "report.md").read_text()
+    assert "| summary damaged |" in md and "| running |" not in md and "no summary.json yet" not in md
+
+
+@pytest.mark.timeout(300)
+def test_same_folder_twice_is_one_run(two_runs, tmp_path, capsys):
+    root, _out = two_runs
+    out = tmp_path / "rep"
+    again = str(root / "ours") + "/"  # the same folder spelled another way
+    assert report_main([str(root / "ours"), again, "--out", str(out), "--batch", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["run"] for r in report["runs"]] == ["ours"] and "groups" not in report  # not a 2-seed group
+    assert any("given 2 times" in n and "counted once" in n for n in report["notes"]["ours"])
+    assert "given 2 times" in capsys.readouterr().out
+    assert "Difference from the baseline" not in (out / "report.md").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_runs_of_two_data_sets_get_a_table_each(two_runs, tmp_path):
+    """No difference across data sets: each data set's runs have their own table and baseline (its first run)."""
+    root, _out = two_runs
+    other = _copy_run(root / "ours", tmp_path / "cifar", ("config.json", "metrics.jsonl", "summary.json"))
+    config = json.loads((other / "config.json").read_text())
+    config["run"].update(dataset="cifar100", exp="cifar")
+    config["data"]["path"] = str(tmp_path / "no-cifar")  # its analysis fails (a note); the table does not need it
+    (other / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "rep"
+    argv = [str(other), str(root / "nonorm"), str(root / "ours"), "--out", str(out), "--batch", "4"]
+    assert report_main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["baselines"] == {"cifar100": "cifar", "synthetic": "nonorm"}
+    md = (out / "report.md").read_text()
+    assert "on 2 data sets (cifar100, synthetic)" in md
+    assert "Baselines: **cifar** (cifar100), **nonorm** (synthetic) (the first run of each data set)." in md
+    cifar_part, synthetic_part = md.split("### Data set: cifar100")[1].split("### Data set: synthetic")
+    assert "| cifar | alexnet" in cifar_part and "Difference from the baseline" not in cifar_part  # alone: no Δ
+    assert "Difference from the baseline (nonorm):" in synthetic_part
+    delta = synthetic_part.split("Difference from the baseline (nonorm):")[1].strip().split("\n\n")[0].splitlines()
+    assert [x.split(" | ")[0] for x in delta[2:]] == ["| ours"]  # Δ of ours against nonorm only, not of cifar

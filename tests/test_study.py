@@ -156,3 +156,55 @@ def test_rerun_skips_finished_and_resumes(small_study):
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["test"] is not None
     assert "resumed" in (study / "logs" / "ours-bn-seed43.log").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- a kept run's config
+
+
+def test_config_differences_of_a_kept_run(tmp_path):
+    """What makes a finished run not the one this command would train: keys that change results, with the run's value
+    and the new one; where files go, progress output, checkpoint saving and the epochs do not count."""
+    from train.study import config_differences
+
+    config = load_config("synthetic", "alexnet", ["runs=1", "seed=42"])
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, "run": {"exp": "s/ours-bn/seed42"}}))
+    assert config_differences(folder, config) == []
+    now = load_config("synthetic", "alexnet", ["runs=1", "seed=42", "logging.runs_dir=/elsewhere",
+                                               "logging.progress_bar=off", "checkpoint.save_last=false",
+                                               "training.epochs=7"])  # fmt: skip
+    assert config_differences(folder, now) == []
+    now = load_config("synthetic", "alexnet", ["runs=1", "seed=43", "optimizer.lr=0.001"])
+    assert config_differences(folder, now) == [("seed", 42, 43), ("optimizer.lr", config["optimizer"]["lr"], 0.001)]
+    older = json.loads((folder / "config.json").read_text())
+    del older["data"]["synthetic_size"]  # a key added after the run: its default, as --resume reads it
+    (folder / "config.json").write_text(json.dumps(older))
+    assert config_differences(folder, config) == []
+    assert config_differences(folder, load_config("synthetic", "alexnet", ["runs=1", "seed=42",
+                                                                           "data.synthetic_size=512"])) == [
+        ("data.synthetic_size", None, 512)
+    ]  # fmt: skip
+    (folder / "config.json").write_text('{"seed": 4')  # damaged: cannot tell
+    assert config_differences(folder, config) is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_rerun_with_another_config_is_refused(small_study, capsys):
+    """The same study with optimizer.lr changed: the finished runs were trained with another lr, so keeping them would
+    report the old numbers under the new command. One line naming the run, the key and the way out; nothing written."""
+    study, argv = small_study
+    before = {p: p.stat().st_mtime_ns for p in [study / "study.json", *study.glob("logs/*.log")]}
+    capsys.readouterr()
+    assert study_main([*argv, "optimizer.lr=0.001"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: finished run s/nonorm-bn/seed42: config differs") and err.count("\n") == 1, err
+    assert "optimizer.lr" in err and "-> 0.001" in err and "--name" in err
+    assert f"delete {study / 'nonorm-bn' / 'seed42'} to train that run again" in err
+    assert "more run(s) alike" in err
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    # keys that change no result: the finished runs are still this study's (a dry run shows the plan)
+    neutral = ["logging.progress_bar=off", "logging.refresh_steps=7", "checkpoint.save_conv1=true", "--epochs", "2"]
+    assert study_main([*argv, *neutral, "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("# finished: skipped") >= 3

@@ -69,35 +69,81 @@ def _csv(kind):
     return parse
 
 
-def _option(text: str) -> tuple[str, Any]:
-    """``key=value`` for the data section; the value parses as int, float, true/false/null, else string."""
-    if "=" not in text:
+def _option(text: str) -> tuple[str, str]:
+    """``key=value`` for the data section, split only: :func:`validate` parses and checks the value as the trainer
+    does (``train.config``: JSON values, else a string; the key's type, choices and range)."""
+    key, equals, raw = text.partition("=")
+    if not equals:
         raise argparse.ArgumentTypeError(f"--option takes key=value (e.g. subset=2000), got {text!r}")
-    key, raw = text.split("=", 1)
-    lowered = raw.lower()
-    if lowered in ("true", "false"):
-        return key, lowered == "true"
-    if lowered in ("null", "none"):
-        return key, None
-    for kind in (int, float):
-        try:
-            return key, kind(raw)
-        except ValueError:
-            continue
-    return key, raw
+    if not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} has no key before '=' (e.g. dali_decode=cpu)")
+    return key.strip(), raw
 
 
-def _variant(text: str) -> tuple[str | None, dict[str, Any]]:
+def _variant(text: str) -> tuple[str | None, dict[str, str]]:
     """``[LOADER:]key=value[,key=value ...]``: one more setting of each loader (or of LOADER only) with these data
     keys on top of the ``--option`` ones, e.g. ``dali:dali_decode=cpu,dali_threads=15`` or ``loader_priority=low``."""
     loader, _, pairs = text.rpartition(":") if ":" in text.split("=", 1)[0] else ("", "", text)
     items = [part for part in pairs.replace(" ", ",").split(",") if part]
     if not items:
         raise argparse.ArgumentTypeError(f"--variant takes [LOADER:]key=value[,key=value], got {text!r}")
-    try:
-        return (loader.strip() or None), dict(_option(item) for item in items)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"--variant takes [LOADER:]key=value[,key=value], got {text!r}") from None
+    parsed = {}
+    for item in items:
+        try:
+            key, raw = _option(item)
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(
+                f"--variant {text!r}: {error} (expected [LOADER:]key=value[,key=value])"
+            ) from None
+        parsed[key] = raw
+    return (loader.strip() or None), parsed
+
+
+# data keys the benchmark sets itself, per setting: an --option / --variant of them would mislabel the measurement
+FLAG_KEYS = {
+    "batch_size": "--batch-sizes",
+    "bz": "--batch-sizes",
+    "workers": "--workers",
+    "num_workers": "--workers",
+    "loader": "--loaders",
+    "dali_device": "--dali-devices",
+    "image_size": "--resolution",
+    "path": "--data",
+}
+
+
+def check_data_options(args: argparse.Namespace) -> None:
+    """``--option`` / ``--variant`` values parsed and checked with the trainer's own override validation
+    (:func:`train.config.check_value`: type, choices, range), in place; a bad one exits naming the item and the fix.
+    Keys the benchmark sets through its own flags (batch size, workers, ...) are refused, naming the flag."""
+    from train.config import ConfigError, check_value, defaults, parse_value
+
+    data_defaults = defaults()["data"]
+    given = [key for key, _ in args.option] + [key for _, variant in args.variant for key in variant]
+    flagged = [key for key in dict.fromkeys(given) if key in FLAG_KEYS]
+    if flagged:
+        uses = ", ".join(f"{key}: use {FLAG_KEYS[key]}" for key in flagged)
+        raise SystemExit(
+            f"benchmark: --option / --variant cannot set {', '.join(flagged)}; the benchmark sets them per setting "
+            f"({uses})"
+        )
+    unknown_keys = sorted({key for key in given if key not in data_defaults})
+    if unknown_keys:
+        raise SystemExit(
+            f"benchmark: --option / --variant key(s) {', '.join(unknown_keys)} are not data keys of "
+            "configs/defaults.json (e.g. dali_decode, hw_decoder_load, prefetch, loader_priority)"
+        )
+
+    def checked(flag: str, key: str, raw: str) -> Any:
+        try:
+            return check_value(f"data.{key}", parse_value(raw), data_defaults[key], f"{flag} {key}={raw}")
+        except ConfigError as error:
+            raise SystemExit(f"benchmark: {error}") from None
+
+    args.option = [(key, checked("--option", key, raw)) for key, raw in args.option]
+    args.variant = [
+        (loader, {key: checked("--variant", key, raw) for key, raw in keys.items()}) for loader, keys in args.variant
+    ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -228,16 +274,7 @@ def validate(args: argparse.Namespace) -> None:
             raise SystemExit(
                 f"benchmark: unknown model(s) {', '.join(missing)}; choose from {', '.join(list_models())}"
             )
-    from train.config import defaults
-
-    data_keys = set(defaults()["data"])
-    given = [key for key, _ in args.option] + [key for _, variant in args.variant for key in variant]
-    unknown_keys = sorted({key for key in given if key not in data_keys})
-    if unknown_keys:
-        raise SystemExit(
-            f"benchmark: --option / --variant key(s) {', '.join(unknown_keys)} are not data keys of "
-            "configs/defaults.json (e.g. dali_decode, hw_decoder_load, prefetch, loader_priority)"
-        )
+    check_data_options(args)
     stray = sorted({loader for loader, _ in args.variant if loader is not None and loader not in args.loaders})
     if stray:
         raise SystemExit(f"benchmark: --variant names loader(s) {', '.join(stray)} that --loaders does not measure")
@@ -346,6 +383,18 @@ def finish(result: dict[str, Any], out: Path, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input (one line on stderr, nothing measured or written; as the trainer and the other
+    tools), 130 interrupted (what was measured is written)."""
+    try:
+        return _main(argv)
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):  # argparse (already exit 2 for bad flags), --help
+            raise
+        print(stop.code, file=sys.stderr)  # a user mistake raised as SystemExit("benchmark: ...")
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.make_sample_tree is not None:
         train, val = bench_data.make_sample_tree(args.make_sample_tree, args.copies, val_copies=args.val_copies)

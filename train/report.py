@@ -5,9 +5,12 @@ Writes ``report.md`` + PNGs, one self-contained ``report.html`` (PNGs embedded a
 difference from it. Sections: results table, training curves, conv1 filters (initial / best / final),
 activation sparsity (Gini index, fraction of zeros) before and after each DN position on a fixed validation
 batch, and histograms of the learned DN parameters. A run still going (no ``summary.json``) is reported from
-what exists and marked ``running``. Runs that differ only in seed (``--group-seeds``, on by default when some do)
-are also reported as groups: one row per group with mean +- sample std (n) of val / test top-1, top-5, loss and the
-Gini sparsity, mean curves and mean sparsity per group (:mod:`train.report_groups`); ``report.json`` then has
+what exists and marked ``running`` (``summary damaged`` where ``summary.json`` is there but unreadable, with a note
+naming it). A folder given twice is one run (a note says so). Runs on different data sets get one table and one
+baseline per data set: no difference is computed across data sets. Runs that differ only in seed
+(``--group-seeds``, on by default when some do) are also reported as groups: one row per group with mean +- sample
+std (n) of val / test top-1, top-5, loss and the Gini sparsity, mean curves and mean sparsity per group
+(:mod:`train.report_groups`); ``report.json`` then has
 ``groups`` with the numbers and member runs. Exit codes: 0 done, 2 bad input (missing or foreign run folder, or a
 checkpoint refused because loading it would run code: checkpoints are read with ``weights_only=True`` only).
 """
@@ -72,7 +75,7 @@ def table_row(run: RunData) -> dict[str, Any]:
     samples = sum(m["train"].get("samples", 0) for m in epochs if isinstance(m.get("train"), dict))
     seconds = sum(m["train"].get("seconds", 0.0) for m in epochs if isinstance(m.get("train"), dict))
     row.update(
-        status="running",
+        status="summary damaged" if run.summary_damaged else "running",
         device=cfg.get("device"),
         epochs=epochs[-1]["epoch"] if epochs else 0,
         best_epoch=best["epoch"] if best else None,
@@ -157,9 +160,16 @@ def build_report(
     from train import report_analysis as analysis
     from train import report_plots as plots
 
-    runs = [read_run(f) for f in folders]  # every folder is checked before any work starts
+    unique, given = _distinct_folders(folders)
+    runs = [read_run(f) for f in unique]  # every folder is checked before any work starts
+    for run, spellings in zip(runs, given, strict=True):
+        if len(spellings) > 1:  # one run named twice is one run: not a 2-seed group, not its own baseline
+            note = f"given {len(spellings)} times ({', '.join(spellings)}): counted once"
+            run.notes.append(note)
+            log(f"report: note: {run.name} {note}")
     out.mkdir(parents=True, exist_ok=True)
     rows = [table_row(run) for run in runs]
+    datasets = list(dict.fromkeys(str(row["dataset"]) for row in rows))
     names = _unique([_slug(r.name) for r in runs])
     indices = groups.group_indices([run.config for run in runs])
     grouped = any(len(members) > 1 for members in indices) if group_seeds is None else group_seeds
@@ -198,10 +208,17 @@ def build_report(
 
     group_rows = [groups.group_row([rows[i] for i in members], analysis_rows) for members in indices]
     md = [f"# Run report: {', '.join(r.name for r in runs)}", ""]
+    if len(datasets) > 1:  # a difference across data sets means nothing: one table and one baseline per data set
+        md += [
+            f"**These runs are on {len(datasets)} data sets ({', '.join(datasets)}): each data set has its own tables "
+            "and its own baseline (its first run or group); no difference is computed across data sets.**",
+            "",
+        ]
     if grouped:
-        md = [f"# Run report: {', '.join(g['group'] for g in group_rows)}", ""]
-        md += [f"Baseline: **{group_rows[0]['group']}** (the first group).", ""]
-        md += ["## Results by group (runs that differ only in seed)", ""] + groups.markdown_group_table(group_rows)
+        md = [f"# Run report: {', '.join(g['group'] for g in group_rows)}", *md[2:]]
+        md += [_baseline_line([g["group"] for g in group_rows], [str(g["dataset"]) for g in group_rows], "group"), ""]
+        md += ["## Results by group (runs that differ only in seed)", ""]
+        md += _per_dataset(group_rows, groups.markdown_group_table)
         md += [
             "",
             "Each cell: mean ± sample standard deviation (number of runs) over the group's seeds. Gini = the"
@@ -211,11 +228,11 @@ def build_report(
             "",
         ]
     else:
-        md += [f"Baseline: **{runs[0].name}** (the first run).", "", "## Results", ""]
-    md += markdown_table(rows) + [""]
+        md += [_baseline_line([r["run"] for r in rows], [str(r["dataset"]) for r in rows], "run"), "", "## Results", ""]
+    md += _per_dataset(rows, markdown_table) + [""]
     md += [
         "Top-1/top-5 in %; val = best validation epoch, test = best weights on the test split; images/s = training"
-        " throughput; running runs: last epoch of metrics.jsonl, wall = epoch time only.",
+        " throughput; running (or summary damaged) runs: from metrics.jsonl, wall = epoch time only.",
         "",
     ]
 
@@ -274,13 +291,55 @@ def build_report(
     text = "\n".join(md)
     write_text_atomic(out / "report.md", text)
     write_text_atomic(out / "report.html", to_html(text, out))
-    result = {"runs": rows, "analysis": analysis_rows, "notes": {r.name: r.notes for r in runs}}
+    result = {
+        "runs": rows,
+        "analysis": analysis_rows,
+        "notes": {r.name: r.notes for r in runs},
+        "baselines": {d: next(r["run"] for r in rows if str(r["dataset"]) == d) for d in datasets},
+    }
     if grouped:
         result["groups"] = group_rows
     write_text_atomic(out / "report.json", json.dumps(result, indent=2, default=str))
     what = f"{len(runs)} runs" + (f" in {len(group_rows)} groups" if grouped else "")
     log(f"report: {out / 'report.md'}, {out / 'report.html'} ({what})")
     return result
+
+
+def _distinct_folders(folders: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The folders in the order given, each run folder once (the same folder spelled twice, or through a link, is
+    one run), and for each the spellings it was given as."""
+    keys: dict[Path, int] = {}
+    unique: list[str] = []
+    given: list[list[str]] = []
+    for folder in folders:
+        key = Path(folder).resolve()
+        if key in keys:
+            given[keys[key]].append(folder)
+            continue
+        keys[key] = len(unique)
+        unique.append(folder)
+        given.append([folder])
+    return unique, given
+
+
+def _baseline_line(names: list[str], datasets: list[str], kind: str) -> str:
+    """``Baseline: **a** (the first run).``; per data set where the runs are on several."""
+    if len(set(datasets)) == 1:
+        return f"Baseline: **{names[0]}** (the first {kind})."
+    first = {d: n for n, d in reversed(list(zip(names, datasets, strict=True)))}
+    shown = ", ".join(f"**{first[d]}** ({d})" for d in dict.fromkeys(datasets))
+    return f"Baselines: {shown} (the first {kind} of each data set)."
+
+
+def _per_dataset(rows: list[dict[str, Any]], table) -> list[str]:
+    """``table(rows)``; where the rows are on several data sets, one table (with its own baseline) per data set."""
+    datasets = list(dict.fromkeys(str(r["dataset"]) for r in rows))
+    if len(datasets) == 1:
+        return table(rows)
+    lines: list[str] = []
+    for dataset in datasets:
+        lines += [f"### Data set: {dataset}", ""] + table([r for r in rows if str(r["dataset"]) == dataset]) + [""]
+    return lines[:-1]
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -30,6 +30,7 @@ class RunData:
     metrics: list[dict[str, Any]]
     summary: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)
+    summary_damaged: str | None = None  # why summary.json, present, could not be read (then ``summary`` is None)
 
     @property
     def name(self) -> str:
@@ -37,8 +38,8 @@ class RunData:
 
     @property
     def running(self) -> bool:
-        """No ``summary.json`` yet: the run is still going (or was interrupted)."""
-        return self.summary is None
+        """No ``summary.json`` yet: the run is still going (or was interrupted); not when one is there, damaged."""
+        return self.summary is None and self.summary_damaged is None
 
 
 def read_run(folder: str | Path) -> RunData:
@@ -67,14 +68,23 @@ def read_run(folder: str | Path) -> RunData:
             continue
         if isinstance(record, dict) and "epoch" in record:
             metrics.append(record)
-    summary = None
-    if (folder / "summary.json").is_file():
+    summary, damaged = None, None
+    path = folder / "summary.json"
+    if path.is_file():
         try:
-            summary = json.loads((folder / "summary.json").read_text())
-        except json.JSONDecodeError:
-            summary = None
-    run = RunData(folder, config, metrics, summary)
-    if run.running:
+            summary = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            damaged = f"not valid JSON ({error})"
+        else:
+            if not isinstance(summary, dict):
+                damaged = f"a JSON {type(summary).__name__}, not an object"
+                summary = None
+    run = RunData(folder, config, metrics, summary, summary_damaged=damaged)
+    if damaged:  # the trainer writes it atomically at the end: the run ended, but its summary cannot be read
+        run.notes.append(
+            f"{path} is damaged ({damaged}): status unknown; the table shows the best epoch of metrics.jsonl"
+        )
+    elif run.running:
         run.notes.append("no summary.json yet: running or interrupted; table shows the last epoch of metrics.jsonl")
     return run
 

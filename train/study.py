@@ -8,7 +8,9 @@ Every run is an ordinary ``python -m train <dataset> alexnet <study>/<variant>/s
 process, its folder ``<logging.runs_dir>/<study>/<variant>/seed<seed>/``, its output in
 ``<study>/logs/<variant>-seed<seed>.log``. Running the same command again continues the study: a run with
 ``summary.json`` is finished and skipped, a run with ``last.pt`` continues with ``--resume``, any other leftover
-folder starts again (``--overwrite``). ``--parallel N`` keeps N runs going at once (the default 1 runs them one after
+folder starts again (``--overwrite``). A finished or stopped run whose ``config.json`` differs from what the command
+gives it now (apart from the ``logging`` and ``checkpoint`` sections and the epochs) is refused (exit 2), naming
+the run and the keys. ``--parallel N`` keeps N runs going at once (the default 1 runs them one after
 another). At the end: ``<study>/report/`` (:mod:`train.report`, runs grouped by seed) and ``<study>/study.json``
 (the grid, each run's command, state and wall time, the study's wall time).
 
@@ -33,7 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.config import DATASETS, MODELS, ConfigError, load_config, option_overrides, parse_override
+from train.config import (
+    DATASETS,
+    MODELS,
+    ConfigError,
+    defaults,
+    flatten,
+    load_config,
+    option_overrides,
+    parse_override,
+)
 
 DN_TYPES = ("nonorm", "ours", "ken")
 BATCHNORM = {"on": True, "off": False}
@@ -44,6 +55,10 @@ GRID_KEYS = {
     "model.divnorm_specs.type": "--dn",
     "model.batchnorm": "--batchnorm",
 }
+# config keys a run's results do not depend on (where files go, progress output, checkpoint saving), and the planned
+# epochs, which only note a difference (see main): a kept run that differs in other keys is refused (see plan)
+RESULT_NEUTRAL_SECTIONS = ("logging.", "checkpoint.")
+EPOCHS_KEY = "training.epochs"
 
 
 @dataclass
@@ -61,6 +76,7 @@ class StudyRun:
     seconds: float | None = None
     returncode: int | None = None
     epochs: int = 0  # planned epochs per run
+    config: dict[str, Any] = field(default_factory=dict, repr=False)  # the resolved config this command gives it
     process: Any = field(default=None, repr=False)
     log_file: Any = field(default=None, repr=False)
     started: float = 0.0
@@ -144,7 +160,9 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[StudyRun]]:
             log_path = root / "logs" / f"{variant}-seed{seed}.log"
             folder = root / variant / f"seed{seed}"
             epochs = int(variant_config["training"]["epochs"])
-            runs.append(StudyRun(variant, seed, exp, folder, log_path, arguments, epochs=epochs))
+            run = StudyRun(variant, seed, exp, folder, log_path, arguments, epochs=epochs)
+            run.config = {**variant_config, "seed": seed}
+            runs.append(run)
     for run in runs:
         if (run.folder / "summary.json").is_file():
             run.state = "done"
@@ -152,7 +170,53 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[StudyRun]]:
             run.state = "resume"
         elif run.folder.exists() and any(run.folder.iterdir()):
             run.state = "restart"  # stopped before its first checkpoint: nothing to continue from
+    check_kept_runs(runs, name)
     return root, runs
+
+
+def config_differences(folder: Path, config: dict[str, Any]) -> list[tuple[str, Any, Any]] | None:
+    """``(key, value in the run's config.json, value now)`` for every key whose value changes results; ``None`` when
+    ``config.json`` cannot be read. Keys the run's (older) config.json lacks count at their default, as
+    ``--resume`` reads them; :data:`RESULT_NEUTRAL_SECTIONS` and the epochs are left out."""
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    saved.pop("run", None)
+    before, base = flatten(saved), flatten(defaults())
+    return [
+        (key, before.get(key, base.get(key)), value)
+        for key, value in flatten(config).items()
+        if key != EPOCHS_KEY and not key.startswith(RESULT_NEUTRAL_SECTIONS) and before.get(key, base.get(key)) != value
+    ]
+
+
+def check_kept_runs(runs: list[StudyRun], name: str) -> None:
+    """A run the study would keep (finished: skipped) or continue (``--resume``) must have been started with the
+    config this command gives it; else the report would show numbers of another config under this command (a
+    finished run), or one run would train half with each config (a resumed one). Refused with one line naming the
+    first such run, its differing keys and how to proceed; nothing is started or written."""
+    stale = []
+    for run in runs:
+        if run.state not in ("done", "resume"):
+            continue
+        differences = config_differences(run.folder, run.config)
+        if differences is None:
+            stale.append((run, f"its {run.folder / 'config.json'} cannot be read"))
+        elif differences:
+            shown = ", ".join(f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, old, new in differences[:4])
+            more = f" and {len(differences) - 4} more" if len(differences) > 4 else ""
+            stale.append((run, f"config differs from this command's: {shown}{more}"))
+    if stale:
+        run, why = stale[0]
+        others = f" (and {len(stale) - 1} more run(s) alike)" if len(stale) > 1 else ""
+        kind = "finished" if run.state == "done" else "stopped"
+        raise ConfigError(
+            f"{kind} run {run.exp}: {why}{others}; pass a new --name (a study other than {name}) to train these "
+            f"settings, or delete {run.folder} to train that run again"
+        )
 
 
 def _start(run: StudyRun, stream: bool, threads: int | None) -> None:
