@@ -275,18 +275,18 @@ def imagenet_split_dir(root: str | os.PathLike | None, split: str) -> Path:
     return folder
 
 
-def conversion_manifest(root: str | os.PathLike) -> dict | None:
-    """The manifest of a tools/convert.py output at ``root`` (``OUT``, ``OUT/dali`` or ``OUT/ffcv``; DALI's first),
-    or None where ``root`` holds none (or none that parses)."""
+def conversion_manifest(root: str | os.PathLike, formats: tuple[str, ...] = ("dali", "ffcv")) -> dict | None:
+    """The manifest of a tools/convert.py output in one of ``formats`` at ``root`` (``OUT``, or ``OUT/<format>``;
+    in the order of ``formats``), or None where ``root`` holds none (or none that parses)."""
     import json
 
     root = Path(root)
-    for folder in (root / "dali", root / "ffcv", root):
+    for folder in (*(root / fmt for fmt in formats), root):
         try:
             manifest = json.loads((folder / "manifest.json").read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(manifest, dict) and manifest.get("format") in ("dali", "ffcv"):
+        if isinstance(manifest, dict) and manifest.get("format") in formats:
             return manifest
     return None
 

@@ -189,6 +189,24 @@ def test_config_differences_of_a_kept_run(tmp_path):
     assert config_differences(folder, config) is None
 
 
+def test_a_kept_run_of_loader_auto_compares_with_the_resolved_loader(tmp_path):
+    """--loader auto: the run's config.json records the loader (and its tuned settings) the trainer resolved, so the
+    study compares with the same resolution, not with "auto" (a rerun of an unchanged study was refused)."""
+    from train.data import resolve_loader_name
+    from train.study import _resolved_loader, config_differences
+
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"synthetic": {"loader": "torch", "data": {"loader": "torch", "workers": 1}}}))
+    config = load_config("synthetic", "alexnet", ["runs=1", "data.loader=auto", f"data.tuned_path={tuned}"])
+    recorded = json.loads(json.dumps(config))
+    resolve_loader_name(recorded, "synthetic", lambda _message: None)  # what the trainer writes into config.json
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    assert recorded["data"]["loader"] == "torch" and config["data"]["loader"] == "auto"
+    assert config_differences(tmp_path, config) != []  # the comparison the study made before
+    assert config_differences(tmp_path, _resolved_loader("synthetic", config)) == []
+    assert config["data"]["loader"] == "auto"  # the study's own config is left as given
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_rerun_with_another_config_is_refused(small_study, capsys):

@@ -99,16 +99,13 @@ def tuned_loader_blocker(config: Mapping[str, Any], dataset: str) -> str | None:
     package = missing_package(name)
     if package is not None:
         return f"the tuned {name} loader needs {package}, which is not installed"
-    if name == "torch" and not dataset_info(dataset).in_memory:
-        converted = converted_loaders(config["data"]["path"])
-        if converted:
-            path = config["data"]["path"]
-            return f"the tuned torch loader reads ImageFolder trees, not the tools/convert.py output at {path}"
+    path = config["data"]["path"]
+    if name == "torch" and not dataset_info(dataset).in_memory and converted_loaders(path):
+        return f"the tuned torch loader reads ImageFolder trees, not the tools/convert.py output at {path}"
     if name == "ffcv" and not dataset_info(dataset).in_memory:
         from loaders.base import LoaderError
         from loaders.ffcv import converted_beton
 
-        path = config["data"]["path"]
         try:
             found = converted_beton(LoaderSpec(dataset, "train", 1, True, data_dir=path))
         except LoaderError as error:

@@ -25,6 +25,7 @@ continue).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shlex
@@ -152,6 +153,8 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[StudyRun]]:
     first_seed = int(config["seed"]) if args.first_seed is None else args.first_seed
     name = args.name or f"dn-{args.dataset}"
     root = Path(config["logging"]["runs_dir"]) / name
+    # what each run's config.json will record: the loader as the trainer resolves it (auto -> the tuned setting)
+    resolved = {variant: _resolved_loader(args.dataset, config) for variant, (_, config) in variants.items()}
     runs = []
     for seed in range(first_seed, first_seed + args.seeds):
         for variant, (grid, variant_config) in variants.items():
@@ -161,7 +164,7 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[StudyRun]]:
             folder = root / variant / f"seed{seed}"
             epochs = int(variant_config["training"]["epochs"])
             run = StudyRun(variant, seed, exp, folder, log_path, arguments, epochs=epochs)
-            run.config = {**variant_config, "seed": seed}
+            run.config = {**resolved[variant], "seed": seed}
             runs.append(run)
     for run in runs:
         if (run.folder / "summary.json").is_file():
@@ -172,6 +175,16 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[StudyRun]]:
             run.state = "restart"  # stopped before its first checkpoint: nothing to continue from
     check_kept_runs(runs, name)
     return root, runs
+
+
+def _resolved_loader(dataset: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with ``data.loader`` resolved as the trainer resolves it before writing config.json
+    (``auto`` -> the tuned backend and its settings, ``data.gpu``), so a kept run compares like with like."""
+    from train.data import resolve_loader_name
+
+    resolved = copy.deepcopy(config)
+    resolve_loader_name(resolved, dataset, lambda _message: None)
+    return resolved
 
 
 def config_differences(folder: Path, config: dict[str, Any]) -> list[tuple[str, Any, Any]] | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -37,19 +36,11 @@ def default_cache_dir() -> Path:
 
 def has_format(root: Path, fmt: str) -> bool:
     """True when ``root`` (or ``root/<fmt>``) holds a finished conversion in ``fmt`` (its manifest, written last)."""
-    for folder in (root / fmt, root):
-        manifest = folder / "manifest.json"
-        if manifest.is_file():
-            try:
-                if json.loads(manifest.read_text()).get("format") == fmt:
-                    return True
-            except (OSError, ValueError):
-                continue
-    return False
+    return conversion_manifest(root, (fmt,)) is not None
 
 
 def is_converted(root: Path) -> bool:
-    return any(has_format(root, fmt) for fmt in ("dali", "ffcv"))
+    return conversion_manifest(root) is not None
 
 
 @dataclass
@@ -120,13 +111,16 @@ def prepare_data(dataset: str, data: str | None, loaders: list[str], cache: Path
         return plan
     root = Path(data)
     cache = cache or default_cache_dir()
-    source = root if (root / "train").is_dir() else conversion_source(root)
+    if (root / "train").is_dir():
+        source, named = root, None
+    else:  # a conversion: its torch settings (and missing formats) read the ImageFolder tree its manifest names
+        named = (conversion_manifest(root) or {}).get("source")
+        source = Path(named) if named and (Path(named) / "train").is_dir() else None
     if "torch" in loaders and source != root:
         if source is not None:
             plan.data_dirs["torch"] = str(source)
             print(f"benchmark: the torch loader reads the conversion's source {source}", file=sys.stderr)
         else:
-            named = (conversion_manifest(root) or {}).get("source")
             plan.unavailable["torch"] = (
                 f"the torch loader reads ImageFolder trees; --data {data} is a tools/convert.py output and its source "
                 f"({named or 'not in its manifest'}) is not on this machine"
@@ -160,13 +154,6 @@ def prepare_data(dataset: str, data: str | None, loaders: list[str], cache: Path
                 continue
         plan.data_dirs[loader] = str(out)
     return plan
-
-
-def conversion_source(root: Path) -> Path | None:
-    """The ImageFolder tree a tools/convert.py output at ``root`` was made from (its manifest's ``source``), where
-    that tree is on this machine; None otherwise."""
-    source = (conversion_manifest(root) or {}).get("source")
-    return Path(source) if source and (Path(source) / "train").is_dir() else None
 
 
 def make_sample_tree(
